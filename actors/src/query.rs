@@ -1,0 +1,264 @@
+//! The query dispatcher: forwards a project's Cube REST calls upstream with a security-context
+//! token that the gateway signs, so the database is always the authenticated tenant's own.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::Deserialize;
+use tracing::{debug, warn};
+
+use crate::code::ErrorCode;
+use crate::registry::ProjectRecord;
+use crate::settings::CubeSettings;
+use crate::signer::Signer;
+
+pub const QUERY_DISPATCHER: &str = "query-dispatcher";
+
+/// Cube has answered and the body is not yet known to be data; bodies of errors are small.
+const MAX_ERROR_MESSAGE: usize = 2_000;
+
+/// The Cube REST endpoints a project may call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CubeEndpoint {
+    Load,
+    Meta,
+    DryRun,
+    Sql,
+}
+
+impl CubeEndpoint {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "load" => Some(Self::Load),
+            "meta" => Some(Self::Meta),
+            "dry-run" => Some(Self::DryRun),
+            "sql" => Some(Self::Sql),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Load => "load",
+            Self::Meta => "meta",
+            Self::DryRun => "dry-run",
+            Self::Sql => "sql",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct CubeRequest {
+    pub project: ProjectRecord,
+    pub endpoint: CubeEndpoint,
+    /// POST with `body`, or GET with `query_string`.
+    pub post: bool,
+    pub query_string: Option<String>,
+    pub body: Bytes,
+    pub request_id: String,
+}
+
+/// A successful Cube answer, passed on as it came ("Continue wait" included).
+#[derive(Debug)]
+pub struct CubeResponse {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: Bytes,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum QueryError {
+    #[error("{0}")]
+    InvalidQuery(String),
+    #[error("the project's database does not exist")]
+    ProjectMissing,
+    #[error("Cube is unavailable: {0}")]
+    Upstream(String),
+    #[error("Cube did not answer within the deadline")]
+    Timeout,
+    #[error("the query dispatcher is unavailable")]
+    Unavailable,
+}
+
+impl QueryError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::InvalidQuery(_) => ErrorCode::InvalidQuery,
+            Self::ProjectMissing => ErrorCode::ProjectNotOnboarded,
+            Self::Upstream(_) | Self::Unavailable => ErrorCode::UpstreamUnavailable,
+            Self::Timeout => ErrorCode::UpstreamTimeout,
+        }
+    }
+}
+
+pub enum QueryMsg {
+    Forward(Box<CubeRequest>, RpcReplyPort<Result<CubeResponse, QueryError>>),
+}
+
+pub struct QueryDispatcher;
+
+pub struct QueryArgs {
+    pub cube: CubeSettings,
+    pub signer: Arc<Signer>,
+}
+
+#[derive(Clone)]
+pub struct QueryState {
+    http: reqwest::Client,
+    base: Arc<str>,
+    signer: Arc<Signer>,
+}
+
+impl Actor for QueryDispatcher {
+    type Msg = QueryMsg;
+    type State = QueryState;
+    type Arguments = QueryArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<QueryMsg>,
+        args: QueryArgs,
+    ) -> Result<QueryState, ActorProcessingErr> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(args.cube.timeout_seconds))
+            .pool_max_idle_per_host(64)
+            .build()?;
+        let base = args.cube.url.trim_end_matches('/').into();
+        Ok(QueryState { http, base, signer: args.signer })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<QueryMsg>,
+        message: QueryMsg,
+        state: &mut QueryState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            QueryMsg::Forward(request, reply) => {
+                // The upstream call runs on its own task so one slow query never holds the rest.
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(state.forward(*request).await);
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Deserialize)]
+struct CubeError {
+    error: String,
+}
+
+impl QueryState {
+    async fn forward(&self, request: CubeRequest) -> Result<CubeResponse, QueryError> {
+        let token = self
+            .signer
+            .security_context_token(&request.project)
+            .map_err(|err| QueryError::Upstream(err.to_string()))?;
+
+        let mut url = format!("{}/cubejs-api/v1/{}", self.base, request.endpoint.as_str());
+        let builder = if request.post {
+            self.http.post(&url).header("content-type", "application/json").body(request.body)
+        } else {
+            if let Some(query) = &request.query_string {
+                url.push('?');
+                url.push_str(query);
+            }
+            self.http.get(&url)
+        };
+        let response = builder
+            .header("authorization", token.as_ref())
+            .header("x-request-id", &request.request_id)
+            .send()
+            .await
+            .map_err(upstream_error)?;
+
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        let body = response.bytes().await.map_err(upstream_error)?;
+        debug!(status, endpoint = request.endpoint.as_str(), bytes = body.len(), "cube answered");
+
+        match status {
+            200..=299 => Ok(CubeResponse { status, content_type, body }),
+            400..=500 => Err(classify_error(status, &body)),
+            _ => Err(QueryError::Upstream(format!("Cube answered {status}"))),
+        }
+    }
+}
+
+/// Cube reports query mistakes and database errors alike as an `{"error": ...}` body.
+fn classify_error(status: u16, body: &[u8]) -> QueryError {
+    let message = serde_json::from_slice::<CubeError>(body)
+        .map(|err| err.error)
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned());
+    let message: String = message.chars().take(MAX_ERROR_MESSAGE).collect();
+
+    if status == 401 || status == 403 {
+        warn!(status, %message, "Cube refused the gateway's security-context token");
+        return QueryError::Upstream("Cube refused the gateway's credentials".to_owned());
+    }
+    // ClickHouse: "Database gitlab_project_... doesn't exist" (code 81) or a missing table (60).
+    if message.contains("doesn't exist") && message.contains("gitlab_project_") {
+        return QueryError::ProjectMissing;
+    }
+    QueryError::InvalidQuery(message)
+}
+
+fn upstream_error(err: reqwest::Error) -> QueryError {
+    if err.is_timeout() { QueryError::Timeout } else { QueryError::Upstream(err.without_url().to_string()) }
+}
+
+/// How the edge reaches the dispatcher, whichever incarnation of it is running.
+#[derive(Clone)]
+pub struct Queries {
+    timeout: Duration,
+}
+
+impl Queries {
+    pub fn new(timeout: Duration) -> Self {
+        Self { timeout }
+    }
+
+    pub async fn forward(&self, request: CubeRequest) -> Result<CubeResponse, QueryError> {
+        use ractor::rpc::CallResult;
+        let dispatcher: ActorRef<QueryMsg> = ractor::registry::where_is(QUERY_DISPATCHER)
+            .ok_or(QueryError::Unavailable)?
+            .into();
+        match dispatcher.call(|reply| QueryMsg::Forward(Box::new(request), reply), Some(self.timeout)).await {
+            Ok(CallResult::Success(result)) => result,
+            Ok(CallResult::Timeout) => Err(QueryError::Timeout),
+            Ok(CallResult::SenderError) | Err(_) => Err(QueryError::Unavailable),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cube_errors_are_classified() {
+        let missing = br#"{"error":"Error: Code: 81, e.displayText() = DB::Exception: Database gitlab_project_abc doesn't exist"}"#;
+        assert!(matches!(classify_error(400, missing), QueryError::ProjectMissing));
+        let unknown = br#"{"error":"Error: 'Nope' cube not found"}"#;
+        assert!(matches!(classify_error(400, unknown), QueryError::InvalidQuery(m) if m.contains("Nope")));
+        assert!(matches!(classify_error(403, br#"{"error":"Invalid token"}"#), QueryError::Upstream(_)));
+    }
+
+    #[test]
+    fn only_known_endpoints_parse() {
+        for name in ["load", "meta", "dry-run", "sql"] {
+            assert_eq!(CubeEndpoint::parse(name).unwrap().as_str(), name);
+        }
+        assert!(CubeEndpoint::parse("../load").is_none());
+        assert!(CubeEndpoint::parse("subscribe").is_none());
+    }
+}

@@ -1,0 +1,107 @@
+//! Settings the actors need. Loading, layering and validation happen in the binary; every value
+//! has its documented default in `config/default.toml`.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Must be contained in every token's `aud`.
+    pub audience: String,
+    /// The unit primitive a token's `scopes` must carry for product analytics.
+    pub scope: String,
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`.
+    pub leeway_seconds: u64,
+    /// Tokens longer than this are refused before any parsing.
+    pub max_token_bytes: usize,
+    /// Verified tokens kept, so the hot path skips RSA verification.
+    pub token_cache_capacity: u64,
+    pub issuers: Vec<IssuerSettings>,
+    pub key_refresh: KeyRefreshSettings,
+}
+
+impl AuthSettings {
+    pub fn leeway(&self) -> Duration {
+        Duration::from_secs(self.leeway_seconds)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerSettings {
+    /// A short name used in logs and metric labels.
+    pub name: String,
+    /// The exact `iss` claim of this issuer's tokens.
+    pub issuer: String,
+    /// The JWKS document itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_url: Option<String>,
+    /// An OIDC discovery document whose `jwks_uri` names the JWKS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery_url: Option<String>,
+    /// Signature algorithms accepted from this issuer (RSA family only).
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+}
+
+fn default_algorithms() -> Vec<String> {
+    vec!["RS256".to_owned()]
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRefreshSettings {
+    /// Regular refresh period of each issuer's key set (jitter is added).
+    pub interval_seconds: u64,
+    /// Fraction of the interval added or removed at random, 0.0 to 1.0.
+    pub jitter: f64,
+    /// Shortest time between two fetches caused by tokens naming an unknown `kid`.
+    pub unknown_kid_min_interval_seconds: u64,
+    /// Retry period while an issuer has never answered with a usable key set.
+    pub retry_seconds: u64,
+    /// Timeout of one JWKS or discovery request.
+    pub fetch_timeout_seconds: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickHouseSettings {
+    pub url: String,
+    pub user: String,
+    pub password: String,
+    /// The gateway's own database, holding the registry.
+    pub database: String,
+    pub timeout_seconds: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CubeSettings {
+    pub url: String,
+    /// Deadline of one upstream Cube request.
+    pub timeout_seconds: u64,
+    /// `iss` of the tokens the gateway signs for Cube (`CUBEJS_JWT_ISSUER`).
+    pub token_issuer: String,
+    /// `aud` of the tokens the gateway signs for Cube (`CUBEJS_JWT_AUDIENCE`).
+    pub token_audience: String,
+    /// Lifetime of a security-context token.
+    pub token_ttl_seconds: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SigningSettings {
+    /// PKCS#8 PEM file with the RSA key that signs security-context tokens.
+    pub key_file: String,
+    /// Generate the key file when it does not exist (convenient locally; production mounts one).
+    pub create_if_missing: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSettings {
+    /// Deadline for one message to a tenant actor, ClickHouse DDL included.
+    pub call_timeout_seconds: u64,
+}

@@ -1,0 +1,143 @@
+//! Developer helpers: a local token issuer (key pair, JWKS, tokens) standing in for CustomersDot,
+//! so the whole flow can be tried on one machine. Nothing here runs in `serve`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use actors::signer::{generate_key, read_key, rsa_pkcs1_der, thumbprint, write_key};
+use anyhow::Context;
+use axum::Router;
+use axum::routing::get;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use clap::Subcommand;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use rsa::traits::PublicKeyParts;
+use serde_json::json;
+
+const KEY_FILE: &str = "issuer-key.pem";
+const JWKS_FILE: &str = "jwks.json";
+const DEFAULT_ISSUER: &str = "http://127.0.0.1:8081";
+
+#[derive(Subcommand)]
+pub enum DevCommand {
+    /// Create a local issuer key pair and its JWKS in a folder (kept if it already exists).
+    IssuerInit {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Serve the local issuer's JWKS at /oauth/discovery/keys, with an OIDC discovery document.
+    IssuerServe {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+        /// The issuer URL announced in the discovery document.
+        #[arg(long, default_value = DEFAULT_ISSUER)]
+        issuer: String,
+    },
+    /// Print a Cloud Connector token for an instance, signed by the local issuer.
+    Token {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        instance_id: String,
+        #[arg(long, default_value = DEFAULT_ISSUER)]
+        issuer: String,
+        #[arg(long, default_value = "gitlab-monitor-gateway")]
+        audience: String,
+        /// Scopes (unit primitives) to grant; repeat for several.
+        #[arg(long = "scope", default_values = ["product_analytics"])]
+        scopes: Vec<String>,
+        #[arg(long, default_value = "self-managed")]
+        realm: String,
+        #[arg(long, default_value_t = 3 * 24 * 3600)]
+        ttl_seconds: u64,
+    },
+}
+
+pub fn run(command: DevCommand) -> anyhow::Result<()> {
+    match command {
+        DevCommand::IssuerInit { dir } => {
+            let created = init_issuer(&dir)?;
+            let verb = if created { "created" } else { "kept existing" };
+            eprintln!("{verb} local issuer in {}", dir.display());
+            Ok(())
+        }
+        DevCommand::IssuerServe { dir, listen, issuer } => serve_issuer(&dir, listen, issuer),
+        DevCommand::Token { dir, instance_id, issuer, audience, scopes, realm, ttl_seconds } => {
+            let key = read_key(&dir.join(KEY_FILE)).context("run `monitor-gateway dev issuer-init` first")?;
+            let (kid, _) = public_jwk(&key);
+            let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+            let claims = json!({
+                "iss": issuer,
+                "aud": audience,
+                "sub": instance_id,
+                "gitlab_instance_uid": instance_id,
+                "gitlab_realm": realm,
+                "scopes": scopes,
+                "iat": now,
+                "nbf": now,
+                "exp": now + ttl_seconds,
+                "jti": uuid::Uuid::new_v4().to_string(),
+            });
+            let mut header = Header::new(Algorithm::RS256);
+            header.kid = Some(kid);
+            let token = jsonwebtoken::encode(&header, &claims, &EncodingKey::from_rsa_der(&rsa_pkcs1_der(&key)?))?;
+            println!("{token}");
+            Ok(())
+        }
+    }
+}
+
+/// Creates the key and JWKS unless the key exists; returns whether it created them.
+fn init_issuer(dir: &Path) -> anyhow::Result<bool> {
+    let key_path = dir.join(KEY_FILE);
+    let (key, created) = if key_path.exists() {
+        (read_key(&key_path)?, false)
+    } else {
+        let key = generate_key()?;
+        write_key(&key_path, &key)?;
+        (key, true)
+    };
+    let (_, jwk) = public_jwk(&key);
+    let jwks = serde_json::to_vec_pretty(&json!({ "keys": [jwk] }))?;
+    std::fs::write(dir.join(JWKS_FILE), jwks)?;
+    Ok(created)
+}
+
+fn public_jwk(key: &rsa::RsaPrivateKey) -> (String, serde_json::Value) {
+    let public = key.to_public_key();
+    let n = URL_SAFE_NO_PAD.encode(public.n().to_bytes_be());
+    let e = URL_SAFE_NO_PAD.encode(public.e().to_bytes_be());
+    let kid = thumbprint(&n, &e);
+    let jwk = json!({ "kty": "RSA", "use": "sig", "alg": "RS256", "kid": kid, "n": n, "e": e });
+    (kid, jwk)
+}
+
+fn serve_issuer(dir: &Path, listen: SocketAddr, issuer: String) -> anyhow::Result<()> {
+    init_issuer(dir)?;
+    let jwks = std::fs::read(dir.join(JWKS_FILE))?;
+    let discovery = serde_json::to_vec(&json!({
+        "issuer": issuer,
+        "jwks_uri": format!("http://{listen}/oauth/discovery/keys"),
+        "id_token_signing_alg_values_supported": ["RS256"],
+    }))?;
+    let json = |body: Vec<u8>| move || std::future::ready(([("content-type", "application/json")], body.clone()));
+    let router = Router::new()
+        .route("/oauth/discovery/keys", get(json(jwks)))
+        .route("/.well-known/openid-configuration", get(json(discovery)));
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+        eprintln!("local issuer {issuer}: JWKS at http://{listen}/oauth/discovery/keys");
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+        Ok(())
+    })
+}

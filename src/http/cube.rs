@@ -1,0 +1,66 @@
+//! Cube's REST API for one project: the caller's identity picks the project, the project picks
+//! the database, and the request itself can choose neither.
+
+use actors::ErrorCode;
+use actors::query::{CubeEndpoint, CubeRequest};
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use super::error::ApiError;
+use super::projects::parse_project;
+use super::{AppState, Authenticated, request_id};
+
+pub fn routes() -> Router<AppState> {
+    Router::new().route(
+        "/v1/product-analytics/projects/{project_id}/cubejs-api/v1/{endpoint}",
+        get(forward).post(forward),
+    )
+}
+
+async fn forward(
+    State(state): State<AppState>,
+    Authenticated(identity): Authenticated,
+    Path((project_id, endpoint)): Path<(String, String)>,
+    method: Method,
+    RawQuery(query_string): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let project = parse_project(&project_id)?;
+    let endpoint = CubeEndpoint::parse(&endpoint).ok_or_else(ApiError::not_found)?;
+    let post = method == Method::POST;
+    let body = if post {
+        axum::body::to_bytes(body, state.max_body_bytes).await.map_err(|_| {
+            ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("the request body is larger than {} bytes", state.max_body_bytes),
+            )
+        })?
+    } else {
+        bytes::Bytes::new()
+    };
+
+    let record = state.tenants.ready_project(&identity.instance, project).await?;
+    let answer = state
+        .queries
+        .forward(CubeRequest {
+            project: record,
+            endpoint,
+            post,
+            query_string,
+            body,
+            request_id: request_id(&headers),
+        })
+        .await?;
+
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
+    let content_type = answer
+        .content_type
+        .and_then(|value| HeaderValue::from_str(&value).ok())
+        .unwrap_or(HeaderValue::from_static("application/json"));
+    Ok((status, [(header::CONTENT_TYPE, content_type)], answer.body).into_response())
+}
