@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use actors::auth::parse_algorithms;
-use actors::settings::{AuthSettings, ClickHouseSettings, CubeSettings, SigningSettings, TenantSettings};
+use actors::settings::{
+    AuthSettings, ClickHouseSettings, CubeSettings, SigningSettings, TenantSettings,
+};
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::{Deserialize, Serialize};
@@ -62,7 +64,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.into(), reason: reason.into() }
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
 }
 
 impl Settings {
@@ -90,8 +95,13 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        for (key, value) in [("server.listen", &self.server.listen), ("server.admin_listen", &self.server.admin_listen)] {
-            value.parse::<SocketAddr>().map_err(|_| invalid(key, format!("{value:?} is not an address:port")))?;
+        for (key, value) in [
+            ("server.listen", &self.server.listen),
+            ("server.admin_listen", &self.server.admin_listen),
+        ] {
+            value
+                .parse::<SocketAddr>()
+                .map_err(|_| invalid(key, format!("{value:?} is not an address:port")))?;
         }
         for (key, value) in [
             ("server.public_url", &self.server.public_url),
@@ -104,16 +114,27 @@ impl Settings {
             return Err(invalid("server.max_body_bytes", "must be positive"));
         }
         if !is_identifier(&self.clickhouse.database) {
-            return Err(invalid("clickhouse.database", "must match [a-z_][a-z0-9_]*"));
+            return Err(invalid(
+                "clickhouse.database",
+                "must match [a-z_][a-z0-9_]*",
+            ));
         }
         if self.cube.token_ttl_seconds < 10 {
             return Err(invalid("cube.token_ttl_seconds", "must be at least 10"));
         }
         if !(0.0..=1.0).contains(&self.auth.key_refresh.jitter) {
-            return Err(invalid("auth.key_refresh.jitter", "must be between 0.0 and 1.0"));
+            return Err(invalid(
+                "auth.key_refresh.jitter",
+                "must be between 0.0 and 1.0",
+            ));
         }
-        if self.auth.key_refresh.interval_seconds == 0 || self.auth.key_refresh.fetch_timeout_seconds == 0 {
-            return Err(invalid("auth.key_refresh", "intervals and timeouts must be positive"));
+        if self.auth.key_refresh.interval_seconds == 0
+            || self.auth.key_refresh.fetch_timeout_seconds == 0
+        {
+            return Err(invalid(
+                "auth.key_refresh",
+                "intervals and timeouts must be positive",
+            ));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|err| invalid("log.level", err.to_string()))?;
@@ -137,12 +158,21 @@ impl Settings {
             match (&issuer.jwks_url, &issuer.discovery_url) {
                 (Some(url), None) => check_http_url(&key("jwks_url"), url)?,
                 (None, Some(url)) => check_http_url(&key("discovery_url"), url)?,
-                _ => return Err(invalid(key("jwks_url"), "set exactly one of jwks_url and discovery_url")),
+                _ => {
+                    return Err(invalid(
+                        key("jwks_url"),
+                        "set exactly one of jwks_url and discovery_url",
+                    ));
+                }
             }
             if issuer.algorithms.is_empty() {
-                return Err(invalid(key("algorithms"), "at least one algorithm is required"));
+                return Err(invalid(
+                    key("algorithms"),
+                    "at least one algorithm is required",
+                ));
             }
-            parse_algorithms(&issuer.algorithms).map_err(|reason| invalid(key("algorithms"), reason))?;
+            parse_algorithms(&issuer.algorithms)
+                .map_err(|reason| invalid(key("algorithms"), reason))?;
         }
         Ok(())
     }
@@ -158,16 +188,23 @@ impl Settings {
 }
 
 fn check_http_url(key: &str, value: &str) -> Result<(), ConfigError> {
-    let uri: http::Uri = value.parse().map_err(|_| invalid(key, format!("{value:?} is not a URL")))?;
+    let uri: http::Uri = value
+        .parse()
+        .map_err(|_| invalid(key, format!("{value:?} is not a URL")))?;
     match uri.scheme_str() {
         Some("http" | "https") if uri.host().is_some() => Ok(()),
-        _ => Err(invalid(key, format!("{value:?} must be an http(s) URL with a host"))),
+        _ => Err(invalid(
+            key,
+            format!("{value:?} must be an http(s) URL with a host"),
+        )),
     }
 }
 
 fn is_identifier(name: &str) -> bool {
     let mut chars = name.chars();
-    chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
@@ -190,20 +227,42 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gw.toml");
         std::fs::write(&path, "[server]\nlisten = \"127.0.0.1:1234\"\n").unwrap();
-        assert_eq!(Settings::load(Some(&path)).unwrap().server.listen, "127.0.0.1:1234");
+        assert_eq!(
+            Settings::load(Some(&path)).unwrap().server.listen,
+            "127.0.0.1:1234"
+        );
 
         std::fs::write(&path, "[server]\nlisten = \"nowhere\"\n").unwrap();
         let err = Settings::load(Some(&path)).unwrap_err().to_string();
         assert!(err.contains("server.listen"), "{err}");
 
         std::fs::write(&path, "[clickhouse]\ndatabase = \"x; DROP\"\n").unwrap();
-        assert!(Settings::load(Some(&path)).unwrap_err().to_string().contains("clickhouse.database"));
+        assert!(
+            Settings::load(Some(&path))
+                .unwrap_err()
+                .to_string()
+                .contains("clickhouse.database")
+        );
 
-        std::fs::write(&path, "[[auth.issuers]]\nname = \"a\"\nissuer = \"https://a\"\n").unwrap();
-        assert!(Settings::load(Some(&path)).unwrap_err().to_string().contains("auth.issuers[0].jwks_url"));
+        std::fs::write(
+            &path,
+            "[[auth.issuers]]\nname = \"a\"\nissuer = \"https://a\"\n",
+        )
+        .unwrap();
+        assert!(
+            Settings::load(Some(&path))
+                .unwrap_err()
+                .to_string()
+                .contains("auth.issuers[0].jwks_url")
+        );
 
         std::fs::write(&path, "[server]\nlisten_typo = 1\n").unwrap();
-        assert!(Settings::load(Some(&path)).unwrap_err().to_string().contains("listen_typo"));
+        assert!(
+            Settings::load(Some(&path))
+                .unwrap_err()
+                .to_string()
+                .contains("listen_typo")
+        );
     }
 
     #[test]

@@ -65,9 +65,22 @@ pub fn run(command: DevCommand) -> anyhow::Result<()> {
             eprintln!("{verb} local issuer in {}", dir.display());
             Ok(())
         }
-        DevCommand::IssuerServe { dir, listen, issuer } => serve_issuer(&dir, listen, issuer),
-        DevCommand::Token { dir, instance_id, issuer, audience, scopes, realm, ttl_seconds } => {
-            let key = read_key(&dir.join(KEY_FILE)).context("run `monitor-gateway dev issuer-init` first")?;
+        DevCommand::IssuerServe {
+            dir,
+            listen,
+            issuer,
+        } => serve_issuer(&dir, listen, issuer),
+        DevCommand::Token {
+            dir,
+            instance_id,
+            issuer,
+            audience,
+            scopes,
+            realm,
+            ttl_seconds,
+        } => {
+            let key = read_key(&dir.join(KEY_FILE))
+                .context("run `monitor-gateway dev issuer-init` first")?;
             let (kid, _) = public_jwk(&key);
             let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
             let claims = json!({
@@ -84,7 +97,11 @@ pub fn run(command: DevCommand) -> anyhow::Result<()> {
             });
             let mut header = Header::new(Algorithm::RS256);
             header.kid = Some(kid);
-            let token = jsonwebtoken::encode(&header, &claims, &EncodingKey::from_rsa_der(&rsa_pkcs1_der(&key)?))?;
+            let token = jsonwebtoken::encode(
+                &header,
+                &claims,
+                &EncodingKey::from_rsa_der(&rsa_pkcs1_der(&key)?),
+            )?;
             println!("{token}");
             Ok(())
         }
@@ -124,14 +141,20 @@ fn serve_issuer(dir: &Path, listen: SocketAddr, issuer: String) -> anyhow::Resul
         "jwks_uri": format!("http://{listen}/oauth/discovery/keys"),
         "id_token_signing_alg_values_supported": ["RS256"],
     }))?;
-    let json = |body: Vec<u8>| move || std::future::ready(([("content-type", "application/json")], body.clone()));
+    let json = |body: Vec<u8>| {
+        move || std::future::ready(([("content-type", "application/json")], body.clone()))
+    };
     let router = Router::new()
         .route("/oauth/discovery/keys", get(json(jwks)))
         .route("/.well-known/openid-configuration", get(json(discovery)));
 
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
         eprintln!("local issuer {issuer}: JWKS at http://{listen}/oauth/discovery/keys");
         axum::serve(listener, router)
             .with_graceful_shutdown(async {

@@ -25,14 +25,17 @@ const SCHEMA_RETRY: Duration = Duration::from_secs(2);
 
 pub fn run(settings: Settings) -> anyhow::Result<()> {
     telemetry::init_logs(&settings.log)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(serve(settings))
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
     let prometheus = telemetry::init_metrics()?;
     let signer = Arc::new(
-        Signer::load(&settings.signing, &settings.cube).context("loading the gateway signing key")?,
+        Signer::load(&settings.signing, &settings.cube)
+            .context("loading the gateway signing key")?,
     );
     let registry = Arc::new(Registry::new(&settings.clickhouse));
     let schema_ready = Arc::new(AtomicBool::new(false));
@@ -44,7 +47,11 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         .iter()
         .map(|issuer| {
             let algorithms = parse_algorithms(&issuer.algorithms).map_err(anyhow::Error::msg)?;
-            Ok(Arc::new(IssuerKeys::new(issuer.name.clone(), issuer.issuer.clone(), algorithms)))
+            Ok(Arc::new(IssuerKeys::new(
+                issuer.name.clone(),
+                issuer.issuer.clone(),
+                algorithms,
+            )))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let auth = Arc::new(Authenticator::new(settings.auth.clone(), issuers.clone()));
@@ -79,7 +86,11 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         http::public_router(state, request_timeout),
         shutdown_rx.clone(),
     ));
-    let admin_server = tokio::spawn(serve_until(admin, http::admin_router(readiness, prometheus), shutdown_rx));
+    let admin_server = tokio::spawn(serve_until(
+        admin,
+        http::admin_router(readiness, prometheus),
+        shutdown_rx,
+    ));
 
     let outcome = tokio::select! {
         () = shutdown_signal() => {
@@ -101,7 +112,10 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     .await
     .is_err()
     {
-        warn!(?grace, "in-flight requests did not finish within the shutdown grace period");
+        warn!(
+            ?grace,
+            "in-flight requests did not finish within the shutdown grace period"
+        );
     }
     root.stop(Some("shutdown".to_owned()));
     info!("stopped");
@@ -109,17 +123,26 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
 }
 
 async fn bind(addr: std::net::SocketAddr, which: &'static str) -> anyhow::Result<TcpListener> {
-    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the {which} listener to {addr}"))?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the {which} listener to {addr}"))?;
     let bound = listener.local_addr()?;
     info!(listener = which, addr = %bound, "listening");
     Ok(listener)
 }
 
-async fn serve_until(listener: TcpListener, router: axum::Router, mut shutdown: watch::Receiver<bool>) {
+async fn serve_until(
+    listener: TcpListener,
+    router: axum::Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let stopped = async move {
         let _ = shutdown.wait_for(|stop| *stop).await;
     };
-    if let Err(err) = axum::serve(listener, router).with_graceful_shutdown(stopped).await {
+    if let Err(err) = axum::serve(listener, router)
+        .with_graceful_shutdown(stopped)
+        .await
+    {
         error!(error = %err, "listener failed");
     }
 }

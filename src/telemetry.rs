@@ -7,14 +7,21 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{LogFormat, LogSettings};
 
 /// Request latency buckets in seconds: from sub-millisecond cache hits to slow Cube queries.
-const LATENCY_BUCKETS: &[f64] =
-    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 pub fn init_logs(settings: &LogSettings) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(&settings.level).context("log.level")?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
     let result = match settings.format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
         LogFormat::Text => builder.try_init(),
     };
     result.map_err(|err| anyhow::anyhow!("cannot install the log subscriber: {err}"))
@@ -22,7 +29,10 @@ pub fn init_logs(settings: &LogSettings) -> anyhow::Result<()> {
 
 pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_duration_seconds".to_owned()), LATENCY_BUCKETS)?
+        .set_buckets_for_metric(
+            Matcher::Suffix("_duration_seconds".to_owned()),
+            LATENCY_BUCKETS,
+        )?
         .install_recorder()?;
     describe();
     Ok(handle)
@@ -30,26 +40,47 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
 
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    describe_counter!("monitor_gateway_http_requests_total", "HTTP requests by method, route and status");
+    describe_counter!(
+        "monitor_gateway_http_requests_total",
+        "HTTP requests by method, route and status"
+    );
     describe_histogram!(
         "monitor_gateway_http_request_duration_seconds",
         Unit::Seconds,
         "HTTP request latency by method, route and status"
     );
-    describe_counter!("monitor_gateway_auth_total", "Authentication outcomes by reason and realm");
-    describe_counter!("monitor_gateway_auth_token_cache_total", "Verified-token cache lookups by result");
-    describe_counter!("monitor_gateway_jwks_refresh_total", "Key-set fetches by issuer, trigger and outcome");
+    describe_counter!(
+        "monitor_gateway_auth_total",
+        "Authentication outcomes by reason and realm"
+    );
+    describe_counter!(
+        "monitor_gateway_auth_token_cache_total",
+        "Verified-token cache lookups by result"
+    );
+    describe_counter!(
+        "monitor_gateway_jwks_refresh_total",
+        "Key-set fetches by issuer, trigger and outcome"
+    );
     describe_counter!(
         "monitor_gateway_jwks_refresh_suppressed_total",
         "Unknown-kid refreshes skipped because the issuer was fetched moments ago"
     );
-    describe_gauge!("monitor_gateway_jwks_keys", "Usable keys in each issuer's current key set");
+    describe_gauge!(
+        "monitor_gateway_jwks_keys",
+        "Usable keys in each issuer's current key set"
+    );
     describe_gauge!(
         "monitor_gateway_jwks_last_success_timestamp_seconds",
         Unit::Seconds,
         "When each issuer's key set was last fetched successfully"
     );
-    describe_counter!("monitor_gateway_projects_onboarded_total", "Projects moved to ready");
+    describe_counter!(
+        "monitor_gateway_projects_onboarded_total",
+        "Projects moved to ready"
+    );
     describe_gauge!("monitor_gateway_tenant_actors", "Running tenant actors");
-    describe_counter!("monitor_gateway_actor_failures_total", "Supervised actor failures by actor");
+    describe_counter!(
+        "monitor_gateway_actor_failures_total",
+        "Supervised actor failures by actor"
+    );
 }

@@ -94,7 +94,10 @@ impl QueryError {
 }
 
 pub enum QueryMsg {
-    Forward(Box<CubeRequest>, RpcReplyPort<Result<CubeResponse, QueryError>>),
+    Forward(
+        Box<CubeRequest>,
+        RpcReplyPort<Result<CubeResponse, QueryError>>,
+    ),
 }
 
 pub struct QueryDispatcher;
@@ -126,7 +129,11 @@ impl Actor for QueryDispatcher {
             .pool_max_idle_per_host(64)
             .build()?;
         let base = args.cube.url.trim_end_matches('/').into();
-        Ok(QueryState { http, base, signer: args.signer })
+        Ok(QueryState {
+            http,
+            base,
+            signer: args.signer,
+        })
     }
 
     async fn handle(
@@ -162,7 +169,10 @@ impl QueryState {
 
         let mut url = format!("{}/cubejs-api/v1/{}", self.base, request.endpoint.as_str());
         let builder = if request.post {
-            self.http.post(&url).header("content-type", "application/json").body(request.body)
+            self.http
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(request.body)
         } else {
             if let Some(query) = &request.query_string {
                 url.push('?');
@@ -184,10 +194,19 @@ impl QueryState {
             .and_then(|value| value.to_str().ok())
             .map(str::to_owned);
         let body = response.bytes().await.map_err(upstream_error)?;
-        debug!(status, endpoint = request.endpoint.as_str(), bytes = body.len(), "cube answered");
+        debug!(
+            status,
+            endpoint = request.endpoint.as_str(),
+            bytes = body.len(),
+            "cube answered"
+        );
 
         match status {
-            200..=299 => Ok(CubeResponse { status, content_type, body }),
+            200..=299 => Ok(CubeResponse {
+                status,
+                content_type,
+                body,
+            }),
             400..=500 => Err(classify_error(status, &body)),
             _ => Err(QueryError::Upstream(format!("Cube answered {status}"))),
         }
@@ -213,7 +232,11 @@ fn classify_error(status: u16, body: &[u8]) -> QueryError {
 }
 
 fn upstream_error(err: reqwest::Error) -> QueryError {
-    if err.is_timeout() { QueryError::Timeout } else { QueryError::Upstream(err.without_url().to_string()) }
+    if err.is_timeout() {
+        QueryError::Timeout
+    } else {
+        QueryError::Upstream(err.without_url().to_string())
+    }
 }
 
 /// How the edge reaches the dispatcher, whichever incarnation of it is running.
@@ -232,7 +255,13 @@ impl Queries {
         let dispatcher: ActorRef<QueryMsg> = ractor::registry::where_is(QUERY_DISPATCHER)
             .ok_or(QueryError::Unavailable)?
             .into();
-        match dispatcher.call(|reply| QueryMsg::Forward(Box::new(request), reply), Some(self.timeout)).await {
+        match dispatcher
+            .call(
+                |reply| QueryMsg::Forward(Box::new(request), reply),
+                Some(self.timeout),
+            )
+            .await
+        {
             Ok(CallResult::Success(result)) => result,
             Ok(CallResult::Timeout) => Err(QueryError::Timeout),
             Ok(CallResult::SenderError) | Err(_) => Err(QueryError::Unavailable),
@@ -247,10 +276,18 @@ mod tests {
     #[test]
     fn cube_errors_are_classified() {
         let missing = br#"{"error":"Error: Code: 81, e.displayText() = DB::Exception: Database gitlab_project_abc doesn't exist"}"#;
-        assert!(matches!(classify_error(400, missing), QueryError::ProjectMissing));
+        assert!(matches!(
+            classify_error(400, missing),
+            QueryError::ProjectMissing
+        ));
         let unknown = br#"{"error":"Error: 'Nope' cube not found"}"#;
-        assert!(matches!(classify_error(400, unknown), QueryError::InvalidQuery(m) if m.contains("Nope")));
-        assert!(matches!(classify_error(403, br#"{"error":"Invalid token"}"#), QueryError::Upstream(_)));
+        assert!(
+            matches!(classify_error(400, unknown), QueryError::InvalidQuery(m) if m.contains("Nope"))
+        );
+        assert!(matches!(
+            classify_error(403, br#"{"error":"Invalid token"}"#),
+            QueryError::Upstream(_)
+        ));
     }
 
     #[test]

@@ -19,7 +19,10 @@ pub enum RegistryError {
     #[error("ClickHouse did not answer within {0:?}")]
     Timeout(Duration),
     #[error("the registry holds an invalid row for instance {instance}: {reason}")]
-    Corrupt { instance: String, reason: &'static str },
+    Corrupt {
+        instance: String,
+        reason: &'static str,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,7 +81,12 @@ impl ProjectRecord {
 
     /// The same project in a new status, as the next version.
     pub fn with_status(&self, status: ProjectStatus) -> Self {
-        Self { status, updated_at: unix_now(), version: self.version + 1, ..self.clone() }
+        Self {
+            status,
+            updated_at: unix_now(),
+            version: self.version + 1,
+            ..self.clone()
+        }
     }
 }
 
@@ -109,10 +117,14 @@ impl From<&ProjectRecord> for ProjectRow {
 
 impl ProjectRow {
     fn into_record(self) -> Result<ProjectRecord, RegistryError> {
-        let corrupt = |reason| RegistryError::Corrupt { instance: self.instance_id.clone(), reason };
+        let corrupt = |reason| RegistryError::Corrupt {
+            instance: self.instance_id.clone(),
+            reason,
+        };
         let instance = InstanceId::parse(&self.instance_id).map_err(|_| corrupt("instance id"))?;
         let project = ProjectId::new(self.project_id).map_err(|_| corrupt("project id"))?;
-        let tenant_key = TenantKey::from_stored(&self.tenant_key).ok_or_else(|| corrupt("tenant key"))?;
+        let tenant_key =
+            TenantKey::from_stored(&self.tenant_key).ok_or_else(|| corrupt("tenant key"))?;
         if tenant_key != TenantKey::derive(&instance, project) {
             return Err(corrupt("tenant key does not match instance and project"));
         }
@@ -131,6 +143,8 @@ impl ProjectRow {
 
 #[derive(Clone)]
 pub struct Registry {
+    /// For server-wide statements; a database that does not exist yet cannot be bound.
+    server: Client,
     /// Bound to the gateway's own database.
     client: Client,
     database: String,
@@ -144,10 +158,10 @@ impl Registry {
             .with_url(&settings.url)
             .with_user(&settings.user)
             .with_password(&settings.password)
-            .with_database(&settings.database)
             .with_validation(false);
         Self {
-            client,
+            server: client.clone(),
+            client: client.with_database(&settings.database),
             database: settings.database.clone(),
             timeout: Duration::from_secs(settings.timeout_seconds),
         }
@@ -156,7 +170,8 @@ impl Registry {
     /// Creates the gateway's database and registry table when missing.
     pub async fn ensure_schema(&self) -> Result<(), RegistryError> {
         let db = &self.database;
-        self.execute(&format!("CREATE DATABASE IF NOT EXISTS {db}")).await?;
+        self.execute(&format!("CREATE DATABASE IF NOT EXISTS {db}"))
+            .await?;
         self.execute(&format!(
             "CREATE TABLE IF NOT EXISTS {db}.projects (
                 instance_id String,
@@ -173,10 +188,15 @@ impl Registry {
 
     /// A cheap round trip, for readiness.
     pub async fn ping(&self) -> Result<(), RegistryError> {
-        self.deadline(self.client.query("SELECT 1").fetch_one::<u8>()).await.map(drop)
+        self.deadline(self.server.query("SELECT 1").fetch_one::<u8>())
+            .await
+            .map(drop)
     }
 
-    pub async fn projects_of(&self, instance: &InstanceId) -> Result<Vec<ProjectRecord>, RegistryError> {
+    pub async fn projects_of(
+        &self,
+        instance: &InstanceId,
+    ) -> Result<Vec<ProjectRecord>, RegistryError> {
         let rows = self
             .deadline(
                 self.client
@@ -202,14 +222,19 @@ impl Registry {
     }
 
     /// Creates the tenant's database and events table; safe to repeat.
-    pub async fn create_tenant_database(&self, tenant_key: &TenantKey) -> Result<(), RegistryError> {
+    pub async fn create_tenant_database(
+        &self,
+        tenant_key: &TenantKey,
+    ) -> Result<(), RegistryError> {
         let database = tenant_key.database();
-        self.execute(&format!("CREATE DATABASE IF NOT EXISTS {database}")).await?;
-        self.execute(&EVENTS_TABLE_DDL.replace("{database}", &database)).await
+        self.execute(&format!("CREATE DATABASE IF NOT EXISTS {database}"))
+            .await?;
+        self.execute(&EVENTS_TABLE_DDL.replace("{database}", &database))
+            .await
     }
 
     async fn execute(&self, sql: &str) -> Result<(), RegistryError> {
-        self.deadline(self.client.query(sql).execute()).await
+        self.deadline(self.server.query(sql).execute()).await
     }
 
     async fn deadline<T>(
@@ -224,5 +249,7 @@ impl Registry {
 }
 
 fn unix_now() -> u32 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as u32)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as u32)
 }

@@ -23,9 +23,15 @@ use crate::settings::{CubeSettings, SigningSettings};
 #[derive(Debug, thiserror::Error)]
 pub enum SignerError {
     #[error("cannot read signing key {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot write signing key {path}: {source}")]
-    Write { path: String, source: std::io::Error },
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("signing key {path} is not a PKCS#8 PEM RSA private key: {reason}")]
     Parse { path: String, reason: String },
     #[error("signing key {path} does not exist and create_if_missing is false")]
@@ -78,7 +84,8 @@ impl Signer {
             .map_err(|err| SignerError::Sign(err.to_string()))?;
         jwk.common.key_id = Some(kid.clone());
         jwk.common.public_key_use = Some(PublicKeyUse::Signature);
-        let jwks = serde_json::to_vec(&JwkSet { keys: vec![jwk] }).expect("a JWKS always serialises");
+        let jwks =
+            serde_json::to_vec(&JwkSet { keys: vec![jwk] }).expect("a JWKS always serialises");
 
         let ttl = Duration::from_secs(cube.token_ttl_seconds.max(2));
         Ok(Self {
@@ -88,7 +95,10 @@ impl Signer {
             issuer: cube.token_issuer.clone(),
             audience: cube.token_audience.clone(),
             ttl,
-            tokens: Cache::builder().max_capacity(100_000).time_to_live(ttl / 2).build(),
+            tokens: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(ttl / 2)
+                .build(),
         })
     }
 
@@ -106,7 +116,9 @@ impl Signer {
         if let Some(token) = self.tokens.get(project.tenant_key.as_str()) {
             return Ok(token);
         }
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         let database = project.tenant_key.database();
         let claims = SecurityContext {
             iss: &self.issuer,
@@ -123,20 +135,27 @@ impl Signer {
         let token: Arc<str> = encode(&header, &claims, &self.key)
             .map_err(|err| SignerError::Sign(err.to_string()))?
             .into();
-        self.tokens.insert(project.tenant_key.as_str().to_owned(), token.clone());
+        self.tokens
+            .insert(project.tenant_key.as_str().to_owned(), token.clone());
         Ok(token)
     }
 }
 
 /// Generates a 2048-bit RSA key; used for the gateway key and by local developer tools.
 pub fn generate_key() -> Result<RsaPrivateKey, SignerError> {
-    RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).map_err(|err| SignerError::Generate(err.to_string()))
+    RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048)
+        .map_err(|err| SignerError::Generate(err.to_string()))
 }
 
 /// Writes a key as PKCS#8 PEM, readable by its owner only.
 pub fn write_key(path: &Path, key: &RsaPrivateKey) -> Result<(), SignerError> {
-    let write = |source| SignerError::Write { path: path.display().to_string(), source };
-    let pem = key.to_pkcs8_pem(LineEnding::LF).map_err(|err| SignerError::Generate(err.to_string()))?;
+    let write = |source| SignerError::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    let pem = key
+        .to_pkcs8_pem(LineEnding::LF)
+        .map_err(|err| SignerError::Generate(err.to_string()))?;
     if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(write)?;
     }
@@ -148,8 +167,14 @@ pub fn write_key(path: &Path, key: &RsaPrivateKey) -> Result<(), SignerError> {
 
 pub fn read_key(path: &Path) -> Result<RsaPrivateKey, SignerError> {
     let display = path.display().to_string();
-    let pem = std::fs::read_to_string(path).map_err(|source| SignerError::Read { path: display.clone(), source })?;
-    RsaPrivateKey::from_pkcs8_pem(&pem).map_err(|err| SignerError::Parse { path: display, reason: err.to_string() })
+    let pem = std::fs::read_to_string(path).map_err(|source| SignerError::Read {
+        path: display.clone(),
+        source,
+    })?;
+    RsaPrivateKey::from_pkcs8_pem(&pem).map_err(|err| SignerError::Parse {
+        path: display,
+        reason: err.to_string(),
+    })
 }
 
 fn load_or_create(path: &Path, create_if_missing: bool) -> Result<RsaPrivateKey, SignerError> {
@@ -157,7 +182,9 @@ fn load_or_create(path: &Path, create_if_missing: bool) -> Result<RsaPrivateKey,
         return read_key(path);
     }
     if !create_if_missing {
-        return Err(SignerError::Missing { path: path.display().to_string() });
+        return Err(SignerError::Missing {
+            path: path.display().to_string(),
+        });
     }
     let key = generate_key()?;
     write_key(path, &key)?;

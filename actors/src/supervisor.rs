@@ -29,7 +29,11 @@ pub struct RestartPolicy {
 
 impl Default for RestartPolicy {
     fn default() -> Self {
-        Self { max_restarts: 5, window: Duration::from_secs(60), base_backoff: Duration::from_millis(100) }
+        Self {
+            max_restarts: 5,
+            window: Duration::from_secs(60),
+            base_backoff: Duration::from_millis(100),
+        }
     }
 }
 
@@ -41,20 +45,29 @@ struct RestartBudget {
 
 impl RestartBudget {
     fn new(policy: RestartPolicy) -> Self {
-        Self { policy, recent: VecDeque::new() }
+        Self {
+            policy,
+            recent: VecDeque::new(),
+        }
     }
 
     /// The backoff before the next restart, or `None` when the budget is spent (meltdown).
     fn next_backoff(&mut self) -> Option<Duration> {
         let now = Instant::now();
-        while self.recent.front().is_some_and(|at| now.duration_since(*at) > self.policy.window) {
+        while self
+            .recent
+            .front()
+            .is_some_and(|at| now.duration_since(*at) > self.policy.window)
+        {
             self.recent.pop_front();
         }
         if self.recent.len() >= self.policy.max_restarts {
             return None;
         }
         self.recent.push_back(now);
-        let exponent = u32::try_from(self.recent.len() - 1).unwrap_or(u32::MAX).min(10);
+        let exponent = u32::try_from(self.recent.len() - 1)
+            .unwrap_or(u32::MAX)
+            .min(10);
         Some(self.policy.base_backoff * 2u32.pow(exponent))
     }
 }
@@ -75,7 +88,11 @@ pub struct KeysState {
 }
 
 impl KeysState {
-    async fn spawn_issuer(&self, myself: &ActorRef<()>, keys: &Arc<IssuerKeys>) -> Result<(), ActorProcessingErr> {
+    async fn spawn_issuer(
+        &self,
+        myself: &ActorRef<()>,
+        keys: &Arc<IssuerKeys>,
+    ) -> Result<(), ActorProcessingErr> {
         let settings = self
             .args
             .auth
@@ -84,8 +101,18 @@ impl KeysState {
             .find(|issuer| issuer.name == keys.name)
             .cloned()
             .ok_or("issuer settings vanished")?;
-        let args = IssuerArgs { keys: keys.clone(), settings, refresh: self.args.auth.key_refresh.clone() };
-        Actor::spawn_linked(Some(keys.actor_name()), IssuerActor, args, myself.get_cell()).await?;
+        let args = IssuerArgs {
+            keys: keys.clone(),
+            settings,
+            refresh: self.args.auth.key_refresh.clone(),
+        };
+        Actor::spawn_linked(
+            Some(keys.actor_name()),
+            IssuerActor,
+            args,
+            myself.get_cell(),
+        )
+        .await?;
         Ok(())
     }
 }
@@ -95,8 +122,15 @@ impl Actor for KeysSupervisor {
     type State = KeysState;
     type Arguments = KeysArgs;
 
-    async fn pre_start(&self, myself: ActorRef<()>, args: KeysArgs) -> Result<KeysState, ActorProcessingErr> {
-        let state = KeysState { budget: RestartBudget::new(args.policy), args };
+    async fn pre_start(
+        &self,
+        myself: ActorRef<()>,
+        args: KeysArgs,
+    ) -> Result<KeysState, ActorProcessingErr> {
+        let state = KeysState {
+            budget: RestartBudget::new(args.policy),
+            args,
+        };
         for keys in &state.args.issuers {
             state.spawn_issuer(&myself, keys).await?;
         }
@@ -109,9 +143,17 @@ impl Actor for KeysSupervisor {
         event: SupervisionEvent,
         state: &mut KeysState,
     ) -> Result<(), ActorProcessingErr> {
-        let Some(cell) = failed_child(&event) else { return Ok(()) };
+        let Some(cell) = failed_child(&event) else {
+            return Ok(());
+        };
         let name = cell.get_name().unwrap_or_default();
-        let Some(keys) = state.args.issuers.iter().find(|keys| keys.actor_name() == name).cloned() else {
+        let Some(keys) = state
+            .args
+            .issuers
+            .iter()
+            .find(|keys| keys.actor_name() == name)
+            .cloned()
+        else {
             return Ok(());
         };
         metrics::counter!("monitor_gateway_actor_failures_total", "actor" => "issuer").increment(1);
@@ -148,15 +190,36 @@ impl RootState {
                     issuers: self.args.issuers.clone(),
                     policy: self.args.policy,
                 };
-                Actor::spawn_linked(Some(KEYS_SUPERVISOR.into()), KeysSupervisor, args, supervisor).await?;
+                Actor::spawn_linked(
+                    Some(KEYS_SUPERVISOR.into()),
+                    KeysSupervisor,
+                    args,
+                    supervisor,
+                )
+                .await?;
             }
             TENANTS_SUPERVISOR => {
                 let args = self.args.registry.clone();
-                Actor::spawn_linked(Some(TENANTS_SUPERVISOR.into()), TenantsSupervisor, args, supervisor).await?;
+                Actor::spawn_linked(
+                    Some(TENANTS_SUPERVISOR.into()),
+                    TenantsSupervisor,
+                    args,
+                    supervisor,
+                )
+                .await?;
             }
             QUERY_DISPATCHER => {
-                let args = QueryArgs { cube: self.args.cube.clone(), signer: self.args.signer.clone() };
-                Actor::spawn_linked(Some(QUERY_DISPATCHER.into()), QueryDispatcher, args, supervisor).await?;
+                let args = QueryArgs {
+                    cube: self.args.cube.clone(),
+                    signer: self.args.signer.clone(),
+                };
+                Actor::spawn_linked(
+                    Some(QUERY_DISPATCHER.into()),
+                    QueryDispatcher,
+                    args,
+                    supervisor,
+                )
+                .await?;
             }
             other => return Err(format!("unknown child {other}").into()),
         }
@@ -169,8 +232,15 @@ impl Actor for RootSupervisor {
     type State = RootState;
     type Arguments = RootArgs;
 
-    async fn pre_start(&self, myself: ActorRef<()>, args: RootArgs) -> Result<RootState, ActorProcessingErr> {
-        let state = RootState { budget: RestartBudget::new(args.policy), args };
+    async fn pre_start(
+        &self,
+        myself: ActorRef<()>,
+        args: RootArgs,
+    ) -> Result<RootState, ActorProcessingErr> {
+        let state = RootState {
+            budget: RestartBudget::new(args.policy),
+            args,
+        };
         for child in [KEYS_SUPERVISOR, TENANTS_SUPERVISOR, QUERY_DISPATCHER] {
             state.spawn(&myself, child).await?;
         }
@@ -183,9 +253,12 @@ impl Actor for RootSupervisor {
         event: SupervisionEvent,
         state: &mut RootState,
     ) -> Result<(), ActorProcessingErr> {
-        let Some(cell) = failed_child(&event) else { return Ok(()) };
+        let Some(cell) = failed_child(&event) else {
+            return Ok(());
+        };
         let name = cell.get_name().unwrap_or_default();
-        metrics::counter!("monitor_gateway_actor_failures_total", "actor" => name.clone()).increment(1);
+        metrics::counter!("monitor_gateway_actor_failures_total", "actor" => name.clone())
+            .increment(1);
         restart_after_backoff(&mut state.budget, &name).await?;
         state.spawn(&myself, &name).await
     }
@@ -206,7 +279,10 @@ fn failed_child(event: &SupervisionEvent) -> Option<&ActorCell> {
     }
 }
 
-async fn restart_after_backoff(budget: &mut RestartBudget, name: &str) -> Result<(), ActorProcessingErr> {
+async fn restart_after_backoff(
+    budget: &mut RestartBudget,
+    name: &str,
+) -> Result<(), ActorProcessingErr> {
     let Some(backoff) = budget.next_backoff() else {
         error!(actor = name, "restarted too often; giving up");
         return Err(format!("{name} failed too often (meltdown)").into());
@@ -216,7 +292,9 @@ async fn restart_after_backoff(budget: &mut RestartBudget, name: &str) -> Result
 }
 
 /// Starts the tree; the returned handle ends when the root stops.
-pub async fn start(args: RootArgs) -> Result<(ActorRef<()>, tokio::task::JoinHandle<()>), ActorProcessingErr> {
+pub async fn start(
+    args: RootArgs,
+) -> Result<(ActorRef<()>, tokio::task::JoinHandle<()>), ActorProcessingErr> {
     let (root, handle) = Actor::spawn(Some(ROOT.into()), RootSupervisor, args).await?;
     Ok((root, handle))
 }
@@ -227,7 +305,11 @@ mod tests {
 
     #[test]
     fn budget_backs_off_then_melts_down() {
-        let policy = RestartPolicy { max_restarts: 3, window: Duration::from_secs(60), base_backoff: Duration::from_millis(10) };
+        let policy = RestartPolicy {
+            max_restarts: 3,
+            window: Duration::from_secs(60),
+            base_backoff: Duration::from_millis(10),
+        };
         let mut budget = RestartBudget::new(policy);
         assert_eq!(budget.next_backoff(), Some(Duration::from_millis(10)));
         assert_eq!(budget.next_backoff(), Some(Duration::from_millis(20)));

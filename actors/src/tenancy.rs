@@ -104,7 +104,8 @@ impl TenantKey {
 
     /// Rebuilds a key read back from the registry, refusing anything that is not 32 hex digits.
     pub fn from_stored(text: &str) -> Option<Self> {
-        let valid = text.len() == 32 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let valid =
+            text.len() == 32 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
         valid.then(|| Self(text.to_owned()))
     }
 }
@@ -128,10 +129,26 @@ mod tests {
     #[test]
     fn tenant_key_matches_the_design_test_vectors() {
         let vectors = [
-            ("8f6e4253-4b5e-4a6c-9d55-3b0b6a1d2c7e", "42", "c21e87af38b79189207557142398401b"),
-            ("8F6E4253-4B5E-4A6C-9D55-3B0B6A1D2C7E", "42", "c21e87af38b79189207557142398401b"),
-            ("00000000-0000-0000-0000-000000000001", "1", "52aff933662a757c970bbaaa17cae895"),
-            ("00000000-0000-0000-0000-000000000002", "1", "e00657e3c5348a56037c8fc382b0cd2d"),
+            (
+                "8f6e4253-4b5e-4a6c-9d55-3b0b6a1d2c7e",
+                "42",
+                "c21e87af38b79189207557142398401b",
+            ),
+            (
+                "8F6E4253-4B5E-4A6C-9D55-3B0B6A1D2C7E",
+                "42",
+                "c21e87af38b79189207557142398401b",
+            ),
+            (
+                "00000000-0000-0000-0000-000000000001",
+                "1",
+                "52aff933662a757c970bbaaa17cae895",
+            ),
+            (
+                "00000000-0000-0000-0000-000000000002",
+                "1",
+                "e00657e3c5348a56037c8fc382b0cd2d",
+            ),
             (
                 "8f6e4253-4b5e-4a6c-9d55-3b0b6a1d2c7e",
                 "18446744073709551615",
@@ -147,22 +164,44 @@ mod tests {
     fn database_name_is_prefixed_tenant_key() {
         let instance = InstanceId::parse("00000000-0000-0000-0000-000000000001").unwrap();
         let key = TenantKey::derive(&instance, ProjectId::new(1).unwrap());
-        assert_eq!(key.database(), "gitlab_project_52aff933662a757c970bbaaa17cae895");
+        assert_eq!(
+            key.database(),
+            "gitlab_project_52aff933662a757c970bbaaa17cae895"
+        );
     }
 
     #[test]
     fn project_ids_must_be_canonical_positive_u64() {
-        for bad in ["", "0", "-1", "+1", "01", "1.0", "abc", "18446744073709551616", " 1", "1e3"] {
+        for bad in [
+            "",
+            "0",
+            "-1",
+            "+1",
+            "01",
+            "1.0",
+            "abc",
+            "18446744073709551616",
+            " 1",
+            "1e3",
+        ] {
             assert_eq!(ProjectId::parse(bad), Err(InvalidProjectId), "{bad:?}");
         }
-        assert_eq!(ProjectId::parse("18446744073709551615").unwrap().get(), u64::MAX);
+        assert_eq!(
+            ProjectId::parse("18446744073709551615").unwrap().get(),
+            u64::MAX
+        );
         assert_eq!(ProjectId::parse("7").unwrap().get(), 7);
     }
 
     #[test]
     fn instance_ids_must_be_hyphenated_uuids() {
-        for bad in ["", "8f6e42534b5e4a6c9d553b0b6a1d2c7e", "{8f6e4253-4b5e-4a6c-9d55-3b0b6a1d2c7e}",
-            "8f6e4253-4b5e-4a6c-9d55-3b0b6a1d2c7g", "8f6e4253_4b5e_4a6c_9d55_3b0b6a1d2c7e"] {
+        for bad in [
+            "",
+            "8f6e42534b5e4a6c9d553b0b6a1d2c7e",
+            "{8f6e4253-4b5e-4a6c-9d55-3b0b6a1d2c7e}",
+            "8f6e4253-4b5e-4a6c-9d55-3b0b6a1d2c7g",
+            "8f6e4253_4b5e_4a6c_9d55_3b0b6a1d2c7e",
+        ] {
             assert_eq!(InstanceId::parse(bad), Err(InvalidInstanceId), "{bad:?}");
         }
         let upper = InstanceId::parse("8F6E4253-4B5E-4A6C-9D55-3B0B6A1D2C7E").unwrap();

@@ -78,8 +78,15 @@ impl Actor for TenantActor {
         args: TenantArgs,
     ) -> Result<TenantState, ActorProcessingErr> {
         let records = args.registry.projects_of(&args.instance).await?;
-        let projects = records.into_iter().map(|record| (record.project, record)).collect();
-        Ok(TenantState { instance: args.instance, registry: args.registry, projects })
+        let projects = records
+            .into_iter()
+            .map(|record| (record.project, record))
+            .collect();
+        Ok(TenantState {
+            instance: args.instance,
+            registry: args.registry,
+            projects,
+        })
     }
 
     async fn handle(
@@ -106,8 +113,14 @@ impl TenantState {
     #[instrument(skip_all, fields(instance = %self.instance, project = %project))]
     async fn onboard(&mut self, project: ProjectId) -> Result<Onboarded, TenantError> {
         let current = self.projects.get(&project).cloned();
-        if let Some(record) = current.as_ref().filter(|r| r.status == ProjectStatus::Ready) {
-            return Ok(Onboarded { project: record.clone(), created: false });
+        if let Some(record) = current
+            .as_ref()
+            .filter(|r| r.status == ProjectStatus::Ready)
+        {
+            return Ok(Onboarded {
+                project: record.clone(),
+                created: false,
+            });
         }
 
         let provisioning = match current {
@@ -120,7 +133,11 @@ impl TenantState {
             }
         };
 
-        if let Err(err) = self.registry.create_tenant_database(&provisioning.tenant_key).await {
+        if let Err(err) = self
+            .registry
+            .create_tenant_database(&provisioning.tenant_key)
+            .await
+        {
             warn!(error = %err, "tenant database creation failed; the project stays provisioning");
             return Err(err.into());
         }
@@ -130,7 +147,10 @@ impl TenantState {
 
         info!(tenant_key = %ready.tenant_key, "project onboarded");
         metrics::counter!("monitor_gateway_projects_onboarded_total").increment(1);
-        Ok(Onboarded { project: ready, created: true })
+        Ok(Onboarded {
+            project: ready,
+            created: true,
+        })
     }
 
     fn ready_project(&self, project: ProjectId) -> Result<ProjectRecord, TenantError> {

@@ -8,16 +8,19 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tracing::warn;
 
+use crate::registry::ProjectRecord;
 use crate::registry::Registry;
 use crate::tenancy::{InstanceId, ProjectId};
 use crate::tenant::{Onboarded, TenantActor, TenantArgs, TenantError, TenantMsg};
-use crate::registry::ProjectRecord;
 
 pub const TENANTS_SUPERVISOR: &str = "tenants";
 
 pub enum TenantsMsg {
     /// The tenant actor of an instance, started if it is not running.
-    Tenant(InstanceId, RpcReplyPort<Result<ActorRef<TenantMsg>, TenantError>>),
+    Tenant(
+        InstanceId,
+        RpcReplyPort<Result<ActorRef<TenantMsg>, TenantError>>,
+    ),
 }
 
 pub struct TenantsSupervisor;
@@ -41,7 +44,10 @@ impl Actor for TenantsSupervisor {
         _myself: ActorRef<TenantsMsg>,
         registry: Arc<Registry>,
     ) -> Result<TenantsState, ActorProcessingErr> {
-        Ok(TenantsState { registry, running: HashMap::new() })
+        Ok(TenantsState {
+            registry,
+            running: HashMap::new(),
+        })
     }
 
     async fn handle(
@@ -66,13 +72,18 @@ impl Actor for TenantsSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         match event {
             SupervisionEvent::ActorTerminated(cell, _, _) => {
-                state.running.retain(|_, actor| actor.get_id() != cell.get_id());
+                state
+                    .running
+                    .retain(|_, actor| actor.get_id() != cell.get_id());
             }
             SupervisionEvent::ActorFailed(cell, error) => {
                 // The next request for this instance starts a fresh actor from the registry.
                 warn!(actor = ?cell.get_name(), %error, "tenant actor failed");
-                metrics::counter!("monitor_gateway_actor_failures_total", "actor" => "tenant").increment(1);
-                state.running.retain(|_, actor| actor.get_id() != cell.get_id());
+                metrics::counter!("monitor_gateway_actor_failures_total", "actor" => "tenant")
+                    .increment(1);
+                state
+                    .running
+                    .retain(|_, actor| actor.get_id() != cell.get_id());
             }
             _ => {}
         }
@@ -90,10 +101,20 @@ impl TenantsState {
         if let Some(actor) = self.running.get(&instance) {
             return Ok(actor.clone());
         }
-        let args = TenantArgs { instance: instance.clone(), registry: self.registry.clone() };
-        let (actor, _) = Actor::spawn_linked(Some(tenant_name(&instance)), TenantActor, args, myself.get_cell())
-            .await
-            .map_err(|err| TenantError::Upstream(format!("cannot load the instance's projects: {err}")))?;
+        let args = TenantArgs {
+            instance: instance.clone(),
+            registry: self.registry.clone(),
+        };
+        let (actor, _) = Actor::spawn_linked(
+            Some(tenant_name(&instance)),
+            TenantActor,
+            args,
+            myself.get_cell(),
+        )
+        .await
+        .map_err(|err| {
+            TenantError::Upstream(format!("cannot load the instance's projects: {err}"))
+        })?;
         self.running.insert(instance, actor.clone());
         metrics::gauge!("monitor_gateway_tenant_actors").set(self.running.len() as f64);
         Ok(actor)
@@ -111,23 +132,37 @@ impl Tenants {
         Self { timeout }
     }
 
-    pub async fn onboard(&self, instance: &InstanceId, project: ProjectId) -> Result<Onboarded, TenantError> {
+    pub async fn onboard(
+        &self,
+        instance: &InstanceId,
+        project: ProjectId,
+    ) -> Result<Onboarded, TenantError> {
         let tenant = self.tenant(instance).await?;
-        self.call(&tenant, |reply| TenantMsg::Onboard(project, reply)).await
+        self.call(&tenant, |reply| TenantMsg::Onboard(project, reply))
+            .await
     }
 
-    pub async fn ready_project(&self, instance: &InstanceId, project: ProjectId) -> Result<ProjectRecord, TenantError> {
+    pub async fn ready_project(
+        &self,
+        instance: &InstanceId,
+        project: ProjectId,
+    ) -> Result<ProjectRecord, TenantError> {
         let tenant = self.tenant(instance).await?;
-        self.call(&tenant, |reply| TenantMsg::Project(project, reply)).await
+        self.call(&tenant, |reply| TenantMsg::Project(project, reply))
+            .await
     }
 
     async fn tenant(&self, instance: &InstanceId) -> Result<ActorRef<TenantMsg>, TenantError> {
         if let Some(cell) = ractor::registry::where_is(tenant_name(instance)) {
             return Ok(cell.into());
         }
-        let supervisor: ActorRef<TenantsMsg> =
-            ractor::registry::where_is(TENANTS_SUPERVISOR).ok_or(TenantError::Unavailable)?.into();
-        self.call(&supervisor, |reply| TenantsMsg::Tenant(instance.clone(), reply)).await
+        let supervisor: ActorRef<TenantsMsg> = ractor::registry::where_is(TENANTS_SUPERVISOR)
+            .ok_or(TenantError::Unavailable)?
+            .into();
+        self.call(&supervisor, |reply| {
+            TenantsMsg::Tenant(instance.clone(), reply)
+        })
+        .await
     }
 
     async fn call<M, T>(

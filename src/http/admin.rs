@@ -25,12 +25,23 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    pub fn new(auth: Arc<Authenticator>, registry: Arc<Registry>, schema_ready: Arc<AtomicBool>, cube_url: &str) -> Self {
+    pub fn new(
+        auth: Arc<Authenticator>,
+        registry: Arc<Registry>,
+        schema_ready: Arc<AtomicBool>,
+        cube_url: &str,
+    ) -> Self {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(2))
             .build()
             .expect("a plain HTTP client always builds");
-        Self { auth, registry, schema_ready, cube_url: cube_url.trim_end_matches('/').into(), http }
+        Self {
+            auth,
+            registry,
+            schema_ready,
+            cube_url: cube_url.trim_end_matches('/').into(),
+            http,
+        }
     }
 
     async fn problems(&self) -> Vec<String> {
@@ -43,7 +54,11 @@ impl Readiness {
         } else if !self.schema_ready.load(Ordering::Relaxed) {
             problems.push("ClickHouse: the registry schema is not created yet".to_owned());
         }
-        let cube = self.http.get(format!("{}/readyz", self.cube_url)).send().await;
+        let cube = self
+            .http
+            .get(format!("{}/readyz", self.cube_url))
+            .send()
+            .await;
         match cube {
             Ok(response) if response.status().is_success() => {}
             Ok(response) => problems.push(format!("Cube: /readyz answered {}", response.status())),
@@ -55,17 +70,31 @@ impl Readiness {
 
 pub fn routes(readiness: Readiness, prometheus: PrometheusHandle) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route(
+            "/healthz",
+            get(|| async { Json(json!({ "status": "ok" })) }),
+        )
         .route("/readyz", get(ready).with_state(readiness))
-        .route("/metrics", get(move || std::future::ready(prometheus.render())))
+        .route(
+            "/metrics",
+            get(move || std::future::ready(prometheus.render())),
+        )
 }
 
 async fn ready(State(readiness): State<Readiness>) -> Response {
     let problems = readiness.problems().await;
-    let keys: serde_json::Map<String, serde_json::Value> =
-        readiness.auth.key_counts().into_iter().map(|(name, count)| (name, count.into())).collect();
+    let keys: serde_json::Map<String, serde_json::Value> = readiness
+        .auth
+        .key_counts()
+        .into_iter()
+        .map(|(name, count)| (name, count.into()))
+        .collect();
     if problems.is_empty() {
-        (StatusCode::OK, Json(json!({ "status": "ready", "issuer_keys": keys }))).into_response()
+        (
+            StatusCode::OK,
+            Json(json!({ "status": "ready", "issuer_keys": keys })),
+        )
+            .into_response()
     } else {
         let body = json!({ "status": "not_ready", "reasons": problems, "issuer_keys": keys });
         (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()

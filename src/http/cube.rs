@@ -34,17 +34,25 @@ async fn forward(
     let endpoint = CubeEndpoint::parse(&endpoint).ok_or_else(ApiError::not_found)?;
     let post = method == Method::POST;
     let body = if post {
-        axum::body::to_bytes(body, state.max_body_bytes).await.map_err(|_| {
-            ApiError::new(
-                ErrorCode::PayloadTooLarge,
-                format!("the request body is larger than {} bytes", state.max_body_bytes),
-            )
-        })?
+        axum::body::to_bytes(body, state.max_body_bytes)
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    ErrorCode::PayloadTooLarge,
+                    format!(
+                        "the request body is larger than {} bytes",
+                        state.max_body_bytes
+                    ),
+                )
+            })?
     } else {
         bytes::Bytes::new()
     };
 
-    let record = state.tenants.ready_project(&identity.instance, project).await?;
+    let record = state
+        .tenants
+        .ready_project(&identity.instance, project)
+        .await?;
     let answer = state
         .queries
         .forward(CubeRequest {

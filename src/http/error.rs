@@ -25,10 +25,17 @@ impl ApiError {
         let status = default_status(code);
         let retry_after = matches!(
             status,
-            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE | StatusCode::BAD_GATEWAY
+            StatusCode::TOO_MANY_REQUESTS
+                | StatusCode::SERVICE_UNAVAILABLE
+                | StatusCode::BAD_GATEWAY
         )
         .then_some(RETRY_AFTER_SECONDS);
-        Self { status, code, message: message.into(), retry_after }
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after,
+        }
     }
 
     pub fn with_status(mut self, status: StatusCode) -> Self {
@@ -44,8 +51,16 @@ impl ApiError {
 pub fn default_status(code: ErrorCode) -> StatusCode {
     use ErrorCode::*;
     match code {
-        MissingToken | MalformedToken | UnknownIssuer | UnknownKey | InvalidSignature | TokenExpired
-        | TokenNotYetValid | WrongAudience | InstanceMismatch | RealmMismatch
+        MissingToken
+        | MalformedToken
+        | UnknownIssuer
+        | UnknownKey
+        | InvalidSignature
+        | TokenExpired
+        | TokenNotYetValid
+        | WrongAudience
+        | InstanceMismatch
+        | RealmMismatch
         | UnsupportedAuthenticationType => StatusCode::UNAUTHORIZED,
         MissingScope => StatusCode::FORBIDDEN,
         KeysUnavailable | Overloaded | UpstreamUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -67,7 +82,10 @@ impl IntoResponse for ApiError {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         if self.status == StatusCode::UNAUTHORIZED {
-            let challenge = format!("Bearer error=\"invalid_token\", error_description=\"{}\"", self.code);
+            let challenge = format!(
+                "Bearer error=\"invalid_token\", error_description=\"{}\"",
+                self.code
+            );
             if let Ok(value) = HeaderValue::from_str(&challenge) {
                 headers.insert(header::WWW_AUTHENTICATE, value);
             }

@@ -21,7 +21,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
@@ -53,16 +55,26 @@ pub fn public_router(state: AppState, request_timeout: Duration) -> Router {
 }
 
 pub fn admin_router(readiness: Readiness, prometheus: PrometheusHandle) -> Router {
-    with_edge_layers(admin::routes(readiness, prometheus), Duration::from_secs(10))
+    with_edge_layers(
+        admin::routes(readiness, prometheus),
+        Duration::from_secs(10),
+    )
 }
 
 /// Request ids (taken from X-Request-Id or generated), a span per request, and a deadline.
 /// Layers added last run first.
 fn with_edge_layers(router: Router, timeout: Duration) -> Router {
     router
-        .layer(TimeoutLayer::with_status_code(StatusCode::GATEWAY_TIMEOUT, timeout))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::GATEWAY_TIMEOUT,
+            timeout,
+        ))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_failure(()),
+        )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
 }
 
@@ -91,6 +103,9 @@ async fn record_metrics(request: Request, next: Next) -> Response {
         .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
 
     let response = next.run(request).await;
+    if response.status().is_server_error() {
+        tracing::warn!(%route, status = response.status().as_u16(), "request failed");
+    }
     let status = response.status().as_u16().to_string();
     let labels = [("method", method), ("route", route), ("status", status)];
     metrics::counter!("monitor_gateway_http_requests_total", &labels).increment(1);
@@ -101,7 +116,10 @@ async fn record_metrics(request: Request, next: Next) -> Response {
 
 async fn jwks(State(state): State<AppState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "public, max-age=300")],
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "public, max-age=300"),
+        ],
         state.signer.jwks(),
     )
         .into_response()
@@ -109,7 +127,11 @@ async fn jwks(State(state): State<AppState>) -> Response {
 
 /// The request id of the current request, for upstream calls.
 pub fn request_id(headers: &HeaderMap) -> String {
-    headers.get(REQUEST_ID).and_then(|value| value.to_str().ok()).unwrap_or_default().to_owned()
+    headers
+        .get(REQUEST_ID)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// An authenticated GitLab instance; extracting it runs the full Cloud Connector check.
@@ -119,15 +141,24 @@ impl FromRequestParts<AppState> for Authenticated {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let header = |name: &str| parts.headers.get(name).and_then(|value| value.to_str().ok());
+        let header = |name: &str| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+        };
         let credentials = Credentials {
             authorization: header("authorization"),
             instance_id: header("x-gitlab-instance-id"),
             realm: header("x-gitlab-realm"),
             authentication_type: header("x-gitlab-authentication-type"),
         };
-        if parts.headers.get(header::AUTHORIZATION).is_some() && credentials.authorization.is_none() {
-            return Err(ApiError::new(actors::ErrorCode::MalformedToken, "the Authorization header is not ASCII"));
+        if parts.headers.get(header::AUTHORIZATION).is_some() && credentials.authorization.is_none()
+        {
+            return Err(ApiError::new(
+                actors::ErrorCode::MalformedToken,
+                "the Authorization header is not ASCII",
+            ));
         }
         let identity = state.auth.authenticate(&credentials).await?;
         tracing::Span::current().record("instance", identity.instance.as_str());

@@ -16,7 +16,10 @@ use super::error::ApiError;
 use super::{AppState, Authenticated};
 
 pub fn routes() -> Router<AppState> {
-    Router::new().route("/v1/product-analytics/projects/{project_id}", put(onboard).get(details))
+    Router::new().route(
+        "/v1/product-analytics/projects/{project_id}",
+        put(onboard).get(details),
+    )
 }
 
 /// What an instance stores to use a project: field names are part of the API contract.
@@ -47,7 +50,10 @@ impl ConnectionDetails {
             database: record.tenant_key.database(),
             app_id: record.tenant_key.to_string(),
             collector_url: format!("{base}/collector"),
-            query_url: format!("{base}/v1/product-analytics/projects/{}/cubejs-api/v1", record.project),
+            query_url: format!(
+                "{base}/v1/product-analytics/projects/{}/cubejs-api/v1",
+                record.project
+            ),
             status: record.status.as_str(),
             created_at,
         }
@@ -55,7 +61,8 @@ impl ConnectionDetails {
 }
 
 pub fn parse_project(text: &str) -> Result<ProjectId, ApiError> {
-    ProjectId::parse(text).map_err(|err| ApiError::new(ErrorCode::InvalidProjectId, err.to_string()))
+    ProjectId::parse(text)
+        .map_err(|err| ApiError::new(ErrorCode::InvalidProjectId, err.to_string()))
 }
 
 async fn onboard(
@@ -65,8 +72,19 @@ async fn onboard(
 ) -> Result<Response, ApiError> {
     let project = parse_project(&project_id)?;
     let onboarded = state.tenants.onboard(&identity.instance, project).await?;
-    let status = if onboarded.created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(ConnectionDetails::new(&onboarded.project, &state.public_url))).into_response())
+    let status = if onboarded.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(ConnectionDetails::new(
+            &onboarded.project,
+            &state.public_url,
+        )),
+    )
+        .into_response())
 }
 
 async fn details(
@@ -75,6 +93,9 @@ async fn details(
     Path(project_id): Path<String>,
 ) -> Result<Json<ConnectionDetails>, ApiError> {
     let project = parse_project(&project_id)?;
-    let record = state.tenants.ready_project(&identity.instance, project).await?;
+    let record = state
+        .tenants
+        .ready_project(&identity.instance, project)
+        .await?;
     Ok(Json(ConnectionDetails::new(&record, &state.public_url)))
 }

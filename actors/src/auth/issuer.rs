@@ -26,15 +26,26 @@ pub struct IssuerKeys {
 
 impl IssuerKeys {
     pub fn new(name: String, issuer: String, algorithms: Vec<Algorithm>) -> Self {
-        Self { name, issuer, algorithms, current: RwLock::new(None) }
+        Self {
+            name,
+            issuer,
+            algorithms,
+            current: RwLock::new(None),
+        }
     }
 
     pub fn current(&self) -> Option<Arc<KeySet>> {
-        self.current.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     fn publish(&self, set: KeySet) {
-        *self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Arc::new(set));
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Arc::new(set));
     }
 
     /// The registry name of this issuer's key-set actor.
@@ -48,6 +59,8 @@ pub enum IssuerMsg {
     Refresh,
     /// A token named a `kid` we do not hold: fetch at once unless we fetched very recently.
     RefreshForUnknownKid(RpcReplyPort<()>),
+    /// The fetch an unknown `kid` asked for while fetches were rate-limited.
+    DeferredRefresh,
 }
 
 pub struct IssuerActor;
@@ -64,6 +77,7 @@ pub struct IssuerState {
     refresh: KeyRefreshSettings,
     http: reqwest::Client,
     last_fetch: Option<Instant>,
+    deferred: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +85,10 @@ enum FetchError {
     #[error("request to {url} failed: {source}")]
     Http { url: String, source: reqwest::Error },
     #[error("{url} answered {status}")]
-    Status { url: String, status: reqwest::StatusCode },
+    Status {
+        url: String,
+        status: reqwest::StatusCode,
+    },
     #[error("{url} sent a document larger than {MAX_DOCUMENT_BYTES} bytes")]
     TooLarge { url: String },
     #[error("discovery document at {url} has no jwks_uri")]
@@ -115,6 +132,7 @@ impl Actor for IssuerActor {
             refresh: args.refresh,
             http,
             last_fetch: None,
+            deferred: false,
         })
     }
 
@@ -134,16 +152,29 @@ impl Actor for IssuerActor {
                 myself.send_after(next, || IssuerMsg::Refresh);
             }
             IssuerMsg::RefreshForUnknownKid(reply) => {
-                let min_interval = Duration::from_secs(state.refresh.unknown_kid_min_interval_seconds);
-                let recent = state.last_fetch.is_some_and(|at| at.elapsed() < min_interval);
-                if recent {
-                    metrics::counter!("monitor_gateway_jwks_refresh_suppressed_total",
-                        "issuer" => state.keys.name.clone())
-                    .increment(1);
-                } else {
-                    state.refresh_now("unknown_kid").await;
+                let min_interval =
+                    Duration::from_secs(state.refresh.unknown_kid_min_interval_seconds);
+                match state.last_fetch.map(|at| at.elapsed()) {
+                    Some(elapsed) if elapsed < min_interval => {
+                        // Rate-limited: one fetch when the window ends serves every such token.
+                        metrics::counter!("monitor_gateway_jwks_refresh_suppressed_total",
+                            "issuer" => state.keys.name.clone())
+                        .increment(1);
+                        if !state.deferred {
+                            state.deferred = true;
+                            myself
+                                .send_after(min_interval - elapsed, || IssuerMsg::DeferredRefresh);
+                        }
+                    }
+                    _ => {
+                        state.refresh_now("unknown_kid").await;
+                    }
                 }
                 let _ = reply.send(());
+            }
+            IssuerMsg::DeferredRefresh => {
+                state.deferred = false;
+                state.refresh_now("unknown_kid").await;
             }
         }
         Ok(())
@@ -167,7 +198,8 @@ impl IssuerState {
                 metrics::counter!("monitor_gateway_jwks_refresh_total",
                     "issuer" => issuer.clone(), "trigger" => trigger, "outcome" => "ok")
                 .increment(1);
-                metrics::gauge!("monitor_gateway_jwks_keys", "issuer" => issuer.clone()).set(count as f64);
+                metrics::gauge!("monitor_gateway_jwks_keys", "issuer" => issuer.clone())
+                    .set(count as f64);
                 metrics::gauge!("monitor_gateway_jwks_last_success_timestamp_seconds", "issuer" => issuer)
                     .set(unix_now());
                 true
@@ -187,7 +219,9 @@ impl IssuerState {
         let jwks_url = match (&self.settings.jwks_url, &self.settings.discovery_url) {
             (Some(url), _) => url.clone(),
             (None, Some(discovery)) => self.discover(discovery).await?,
-            (None, None) => unreachable!("configuration validation requires a JWKS or discovery URL"),
+            (None, None) => {
+                unreachable!("configuration validation requires a JWKS or discovery URL")
+            }
         };
         let body = self.get(&jwks_url).await?;
         Ok(KeySet::from_jwks(&body, &self.keys.algorithms)?)
@@ -201,22 +235,37 @@ impl IssuerState {
         let body = self.get(url).await?;
         serde_json::from_slice::<Discovery>(&body)
             .map(|doc| doc.jwks_uri)
-            .map_err(|_| FetchError::NoJwksUri { url: url.to_owned() })
+            .map_err(|_| FetchError::NoJwksUri {
+                url: url.to_owned(),
+            })
     }
 
     async fn get(&self, url: &str) -> Result<bytes::Bytes, FetchError> {
-        let http = |source| FetchError::Http { url: url.to_owned(), source };
+        let http = |source| FetchError::Http {
+            url: url.to_owned(),
+            source,
+        };
         let response = self.http.get(url).send().await.map_err(http)?;
         let status = response.status();
         if !status.is_success() {
-            return Err(FetchError::Status { url: url.to_owned(), status });
+            return Err(FetchError::Status {
+                url: url.to_owned(),
+                status,
+            });
         }
-        if response.content_length().is_some_and(|len| len > MAX_DOCUMENT_BYTES as u64) {
-            return Err(FetchError::TooLarge { url: url.to_owned() });
+        if response
+            .content_length()
+            .is_some_and(|len| len > MAX_DOCUMENT_BYTES as u64)
+        {
+            return Err(FetchError::TooLarge {
+                url: url.to_owned(),
+            });
         }
         let body = response.bytes().await.map_err(http)?;
         if body.len() > MAX_DOCUMENT_BYTES {
-            return Err(FetchError::TooLarge { url: url.to_owned() });
+            return Err(FetchError::TooLarge {
+                url: url.to_owned(),
+            });
         }
         Ok(body)
     }
@@ -241,5 +290,7 @@ impl IssuerState {
 }
 
 fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }

@@ -37,7 +37,9 @@ pub fn parse_algorithms(names: &[String]) -> Result<Vec<Algorithm>, String> {
         .map(|name| match Algorithm::from_str(name) {
             Ok(alg @ (Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512)) => Ok(alg),
             Ok(alg @ (Algorithm::PS256 | Algorithm::PS384 | Algorithm::PS512)) => Ok(alg),
-            _ => Err(format!("algorithm {name:?} is not an accepted RSA signature algorithm")),
+            _ => Err(format!(
+                "algorithm {name:?} is not an accepted RSA signature algorithm"
+            )),
         })
         .collect()
 }
@@ -75,7 +77,10 @@ impl KeySet {
         if keys.is_empty() {
             return Err(KeySetError::NoUsableKeys { skipped: total });
         }
-        Ok(Self { keys, fetched_at: Instant::now() })
+        Ok(Self {
+            keys,
+            fetched_at: Instant::now(),
+        })
     }
 
     pub fn get(&self, kid: &str) -> Option<&VerifyingKey> {
@@ -107,7 +112,9 @@ mod tests {
 
     #[test]
     fn keeps_rsa_signing_keys_with_allowed_algorithms() {
-        let body = jwks(serde_json::json!({"kty": "RSA", "kid": "a", "use": "sig", "alg": "RS256", "n": N, "e": "AQAB"}));
+        let body = jwks(
+            serde_json::json!({"kty": "RSA", "kid": "a", "use": "sig", "alg": "RS256", "n": N, "e": "AQAB"}),
+        );
         let set = KeySet::from_jwks(&body, &[Algorithm::RS256]).unwrap();
         assert_eq!(set.len(), 1);
         assert_eq!(set.get("a").unwrap().algorithm, Algorithm::RS256);
@@ -123,14 +130,20 @@ mod tests {
             serde_json::json!({"kty": "RSA", "use": "sig", "alg": "RS256", "n": N, "e": "AQAB"}),
         ] {
             let result = KeySet::from_jwks(&jwks(key.clone()), &[Algorithm::RS256]);
-            assert!(matches!(result, Err(KeySetError::NoUsableKeys { skipped: 1 })), "{key}");
+            assert!(
+                matches!(result, Err(KeySetError::NoUsableKeys { skipped: 1 })),
+                "{key}"
+            );
         }
     }
 
     #[test]
     fn refuses_documents_that_are_not_jwks() {
         for body in [&b"not json"[..], b"{}", b"{\"keys\": 3}", b""] {
-            assert!(matches!(KeySet::from_jwks(body, &[Algorithm::RS256]), Err(KeySetError::NotJwks(_))));
+            assert!(matches!(
+                KeySet::from_jwks(body, &[Algorithm::RS256]),
+                Err(KeySetError::NotJwks(_))
+            ));
         }
         assert!(matches!(
             KeySet::from_jwks(b"{\"keys\": []}", &[Algorithm::RS256]),

@@ -55,7 +55,10 @@ pub struct AuthError {
 
 impl AuthError {
     fn new(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -103,7 +106,9 @@ impl moka::Expiry<[u8; 32], Arc<VerifiedToken>> for UntilTokenExpiry {
         token: &Arc<VerifiedToken>,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
-        Some(Duration::from_secs(token.expires_at.saturating_sub(unix_now())))
+        Some(Duration::from_secs(
+            token.expires_at.saturating_sub(unix_now()),
+        ))
     }
 }
 
@@ -113,8 +118,15 @@ impl Authenticator {
             .max_capacity(settings.token_cache_capacity)
             .expire_after(UntilTokenExpiry)
             .build();
-        let issuers = issuers.into_iter().map(|keys| (keys.issuer.clone(), keys)).collect();
-        Self { settings, issuers, verified }
+        let issuers = issuers
+            .into_iter()
+            .map(|keys| (keys.issuer.clone(), keys))
+            .collect();
+        Self {
+            settings,
+            issuers,
+            verified,
+        }
     }
 
     /// True once at least one issuer has published a key set.
@@ -141,17 +153,22 @@ impl Authenticator {
         outcome
     }
 
-    async fn authenticate_inner(&self, credentials: &Credentials<'_>) -> Result<Identity, AuthError> {
+    async fn authenticate_inner(
+        &self,
+        credentials: &Credentials<'_>,
+    ) -> Result<Identity, AuthError> {
         let token = bearer_token(credentials.authorization, self.settings.max_token_bytes)?;
         let fingerprint: [u8; 32] = Sha256::digest(token.as_bytes()).into();
 
         let verified = match self.verified.get(&fingerprint) {
             Some(hit) if hit.expires_at > unix_now() => {
-                metrics::counter!("monitor_gateway_auth_token_cache_total", "result" => "hit").increment(1);
+                metrics::counter!("monitor_gateway_auth_token_cache_total", "result" => "hit")
+                    .increment(1);
                 hit
             }
             _ => {
-                metrics::counter!("monitor_gateway_auth_token_cache_total", "result" => "miss").increment(1);
+                metrics::counter!("monitor_gateway_auth_token_cache_total", "result" => "miss")
+                    .increment(1);
                 let fresh = Arc::new(self.verify(token).await?);
                 self.verified.insert(fingerprint, fresh.clone());
                 fresh
@@ -162,7 +179,10 @@ impl Authenticator {
         if !verified.has_scope {
             return Err(AuthError::new(
                 ErrorCode::MissingScope,
-                format!("the token does not grant the {:?} scope", self.settings.scope),
+                format!(
+                    "the token does not grant the {:?} scope",
+                    self.settings.scope
+                ),
             ));
         }
         Ok(Identity {
@@ -176,13 +196,21 @@ impl Authenticator {
     async fn verify(&self, token: &str) -> Result<VerifiedToken, AuthError> {
         let malformed = |what: &'static str| AuthError::new(ErrorCode::MalformedToken, what);
 
-        let header = decode_header(token).map_err(|_| malformed("the bearer token is not a well-formed JWT"))?;
-        let kid = header.kid.ok_or_else(|| malformed("the token header has no kid"))?;
+        let header = decode_header(token)
+            .map_err(|_| malformed("the bearer token is not a well-formed JWT"))?;
+        let kid = header
+            .kid
+            .ok_or_else(|| malformed("the token header has no kid"))?;
         let unverified: UnverifiedIssuer = jsonwebtoken::dangerous::insecure_decode_claims(token)
-            .map_err(|_| malformed("the token claims are not a JSON object with an iss string"))?;
+            .map_err(|_| {
+            malformed("the token claims are not a JSON object with an iss string")
+        })?;
 
         let issuer = self.issuers.get(&unverified.iss).ok_or_else(|| {
-            AuthError::new(ErrorCode::UnknownIssuer, "the token was issued by an issuer this gateway does not trust")
+            AuthError::new(
+                ErrorCode::UnknownIssuer,
+                "the token was issued by an issuer this gateway does not trust",
+            )
         })?;
         let key = self.key_for(issuer, &kid).await?;
         if header.alg != key.algorithm {
@@ -202,8 +230,14 @@ impl Authenticator {
             .map_err(|err| claim_error(err.kind(), &self.settings.audience))?
             .claims;
 
-        if claims.iat.is_some_and(|iat| iat > unix_now() + self.settings.leeway_seconds) {
-            return Err(AuthError::new(ErrorCode::TokenNotYetValid, "the token was issued in the future (iat)"));
+        if claims
+            .iat
+            .is_some_and(|iat| iat > unix_now() + self.settings.leeway_seconds)
+        {
+            return Err(AuthError::new(
+                ErrorCode::TokenNotYetValid,
+                "the token was issued in the future (iat)",
+            ));
         }
         let instance_claim = claims.gitlab_instance_uid.as_deref().unwrap_or(&claims.sub);
         let instance = InstanceId::parse(instance_claim)
@@ -222,7 +256,10 @@ impl Authenticator {
         let unavailable = || {
             AuthError::new(
                 ErrorCode::KeysUnavailable,
-                format!("no signing keys of issuer {:?} could be loaded yet", issuer.name),
+                format!(
+                    "no signing keys of issuer {:?} could be loaded yet",
+                    issuer.name
+                ),
             )
         };
         let set = issuer.current().ok_or_else(unavailable)?;
@@ -233,7 +270,10 @@ impl Authenticator {
         request_refresh(issuer).await;
         let set = issuer.current().ok_or_else(unavailable)?;
         set.get(kid).cloned().ok_or_else(|| {
-            AuthError::new(ErrorCode::UnknownKey, "the token's kid is not in its issuer's key set")
+            AuthError::new(
+                ErrorCode::UnknownKey,
+                "the token's kid is not in its issuer's key set",
+            )
         })
     }
 }
@@ -245,18 +285,34 @@ async fn request_refresh(issuer: &IssuerKeys) {
         return;
     };
     let actor: ActorRef<IssuerMsg> = cell.into();
-    let _ = actor.call(IssuerMsg::RefreshForUnknownKid, Some(UNKNOWN_KID_REFRESH_WAIT)).await;
+    let _ = actor
+        .call(
+            IssuerMsg::RefreshForUnknownKid,
+            Some(UNKNOWN_KID_REFRESH_WAIT),
+        )
+        .await;
 }
 
 fn bearer_token(authorization: Option<&str>, max_bytes: usize) -> Result<&str, AuthError> {
-    let missing = || AuthError::new(ErrorCode::MissingToken, "an Authorization: Bearer token is required");
+    let missing = || {
+        AuthError::new(
+            ErrorCode::MissingToken,
+            "an Authorization: Bearer token is required",
+        )
+    };
     let value = authorization.ok_or_else(missing)?;
     if value.len() > max_bytes {
-        return Err(AuthError::new(ErrorCode::MalformedToken, "the Authorization header is too large"));
+        return Err(AuthError::new(
+            ErrorCode::MalformedToken,
+            "the Authorization header is too large",
+        ));
     }
     let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
     if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(AuthError::new(ErrorCode::MalformedToken, "the Authorization header must use the Bearer scheme"));
+        return Err(AuthError::new(
+            ErrorCode::MalformedToken,
+            "the Authorization header must use the Bearer scheme",
+        ));
     }
     let token = token.trim();
     if token.is_empty() {
@@ -276,9 +332,15 @@ fn check_headers(token: &VerifiedToken, credentials: &Credentials<'_>) -> Result
     if let (Some(header), Some(claim)) = (credentials.realm, token.realm.as_deref())
         && header != claim
     {
-        return Err(AuthError::new(ErrorCode::RealmMismatch, "the X-Gitlab-Realm header does not match the token's realm"));
+        return Err(AuthError::new(
+            ErrorCode::RealmMismatch,
+            "the X-Gitlab-Realm header does not match the token's realm",
+        ));
     }
-    if credentials.authentication_type.is_some_and(|kind| kind != "oidc") {
+    if credentials
+        .authentication_type
+        .is_some_and(|kind| kind != "oidc")
+    {
         return Err(AuthError::new(
             ErrorCode::UnsupportedAuthenticationType,
             "X-Gitlab-Authentication-Type must be oidc when present",
@@ -289,20 +351,35 @@ fn check_headers(token: &VerifiedToken, credentials: &Credentials<'_>) -> Result
 
 fn claim_error(kind: &ErrorKind, audience: &str) -> AuthError {
     let (code, message): (ErrorCode, Cow<'static, str>) = match kind {
-        ErrorKind::InvalidSignature => (ErrorCode::InvalidSignature, "the token signature does not verify".into()),
-        ErrorKind::InvalidAlgorithm => {
-            (ErrorCode::InvalidSignature, "the token is signed with an algorithm its key is not used with".into())
-        }
+        ErrorKind::InvalidSignature => (
+            ErrorCode::InvalidSignature,
+            "the token signature does not verify".into(),
+        ),
+        ErrorKind::InvalidAlgorithm => (
+            ErrorCode::InvalidSignature,
+            "the token is signed with an algorithm its key is not used with".into(),
+        ),
         ErrorKind::ExpiredSignature => (ErrorCode::TokenExpired, "the token has expired".into()),
-        ErrorKind::ImmatureSignature => (ErrorCode::TokenNotYetValid, "the token is not valid yet (nbf)".into()),
-        ErrorKind::InvalidAudience => {
-            (ErrorCode::WrongAudience, format!("the token's audience does not include {audience:?}").into())
-        }
-        ErrorKind::InvalidIssuer => (ErrorCode::UnknownIssuer, "the token's issuer is not trusted".into()),
-        ErrorKind::MissingRequiredClaim(claim) => {
-            (ErrorCode::MalformedToken, format!("the token has no {claim} claim").into())
-        }
-        _ => (ErrorCode::MalformedToken, "the token claims are malformed".into()),
+        ErrorKind::ImmatureSignature => (
+            ErrorCode::TokenNotYetValid,
+            "the token is not valid yet (nbf)".into(),
+        ),
+        ErrorKind::InvalidAudience => (
+            ErrorCode::WrongAudience,
+            format!("the token's audience does not include {audience:?}").into(),
+        ),
+        ErrorKind::InvalidIssuer => (
+            ErrorCode::UnknownIssuer,
+            "the token's issuer is not trusted".into(),
+        ),
+        ErrorKind::MissingRequiredClaim(claim) => (
+            ErrorCode::MalformedToken,
+            format!("the token has no {claim} claim").into(),
+        ),
+        _ => (
+            ErrorCode::MalformedToken,
+            "the token claims are malformed".into(),
+        ),
     };
     AuthError::new(code, message)
 }
@@ -318,7 +395,9 @@ fn realm_label(realm: Option<&str>) -> &'static str {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
@@ -329,11 +408,26 @@ mod tests {
     fn bearer_scheme_is_required_and_case_insensitive() {
         assert_eq!(bearer_token(Some("Bearer abc"), 100).unwrap(), "abc");
         assert_eq!(bearer_token(Some("bearer abc"), 100).unwrap(), "abc");
-        assert_eq!(bearer_token(None, 100).unwrap_err().code, ErrorCode::MissingToken);
-        assert_eq!(bearer_token(Some("Bearer "), 100).unwrap_err().code, ErrorCode::MissingToken);
-        assert_eq!(bearer_token(Some("Bearer"), 100).unwrap_err().code, ErrorCode::MissingToken);
-        assert_eq!(bearer_token(Some("Basic abc"), 100).unwrap_err().code, ErrorCode::MalformedToken);
-        assert_eq!(bearer_token(Some(&"x".repeat(101)), 100).unwrap_err().code, ErrorCode::MalformedToken);
+        assert_eq!(
+            bearer_token(None, 100).unwrap_err().code,
+            ErrorCode::MissingToken
+        );
+        assert_eq!(
+            bearer_token(Some("Bearer "), 100).unwrap_err().code,
+            ErrorCode::MissingToken
+        );
+        assert_eq!(
+            bearer_token(Some("Bearer"), 100).unwrap_err().code,
+            ErrorCode::MissingToken
+        );
+        assert_eq!(
+            bearer_token(Some("Basic abc"), 100).unwrap_err().code,
+            ErrorCode::MalformedToken
+        );
+        assert_eq!(
+            bearer_token(Some(&"x".repeat(101)), 100).unwrap_err().code,
+            ErrorCode::MalformedToken
+        );
     }
 
     #[test]

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs every test: installs what is missing, starts the test stack (ClickHouse, Cube, and the
+# gateway whose key Cube trusts) on its own ports, runs the suites, and stops it all again.
+# It never touches the demo profile, so it works whether or not the demo is running.
+
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+started=$SECONDS
+scripts/stack.sh install
+
+echo "test: building" >&2
+cargo build --locked --workspace --all-targets
+
+cleanup() {
+  scripts/gateway.sh down test || true
+  scripts/stack.sh down test || true
+}
+trap cleanup EXIT
+
+scripts/stack.sh up test
+scripts/gateway.sh up test
+
+export MG_TEST_CLICKHOUSE_URL=http://127.0.0.1:28123
+export MG_TEST_CUBE_URL=http://127.0.0.1:24000
+export MG_TEST_SIGNING_KEY="$PWD/.stack/test/keys/gateway-signing.pem"
+
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --locked --workspace --no-fail-fast "$@"
+else
+  cargo test --locked --workspace --no-fail-fast "$@"
+fi
+echo "test: finished in $((SECONDS - started))s" >&2

@@ -1,0 +1,325 @@
+//! Shared harness of the black-box tests: the real ClickHouse and Cube that `scripts/test.sh`
+//! starts, a local token issuer standing in for CustomersDot, and gateway processes.
+
+#![allow(dead_code)]
+
+pub mod issuer;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+pub use issuer::Issuer;
+
+/// Where the test stack runs; `scripts/test.sh` exports these, the defaults match its ports.
+pub struct Stack {
+    pub clickhouse_url: String,
+    pub cube_url: String,
+    pub signing_key: PathBuf,
+}
+
+pub fn stack() -> Stack {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    Stack {
+        clickhouse_url: std::env::var("MG_TEST_CLICKHOUSE_URL")
+            .unwrap_or_else(|_| "http://127.0.0.1:28123".into()),
+        cube_url: std::env::var("MG_TEST_CUBE_URL")
+            .unwrap_or_else(|_| "http://127.0.0.1:24000".into()),
+        signing_key: std::env::var("MG_TEST_SIGNING_KEY")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| root.join(".stack/test/keys/gateway-signing.pem")),
+    }
+}
+
+/// The tenant key computed here, independently of the gateway's code.
+pub fn tenant_key(instance: &str, project: u64) -> String {
+    let digest = Sha256::digest(format!("{}:{project}", instance.to_lowercase()).as_bytes());
+    hex::encode(&digest[..16])
+}
+
+pub fn new_instance() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// A running `monitor-gateway serve`, killed when dropped.
+pub struct Gateway {
+    child: Child,
+    pub url: String,
+    pub admin_url: String,
+    pub http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+pub struct GatewayOptions<'a> {
+    pub issuers: Vec<&'a Issuer>,
+    /// Extra MONITOR_GATEWAY__* variables.
+    pub env: Vec<(String, String)>,
+    pub wait_ready: bool,
+}
+
+impl<'a> GatewayOptions<'a> {
+    pub fn new(issuers: &[&'a Issuer]) -> Self {
+        Self {
+            issuers: issuers.to_vec(),
+            env: Vec::new(),
+            wait_ready: true,
+        }
+    }
+
+    pub fn env(mut self, key: &str, value: impl ToString) -> Self {
+        self.env
+            .push((format!("MONITOR_GATEWAY__{key}"), value.to_string()));
+        self
+    }
+
+    pub fn unready(mut self) -> Self {
+        self.wait_ready = false;
+        self
+    }
+}
+
+impl Gateway {
+    pub async fn start(issuers: &[&Issuer]) -> Self {
+        Self::start_with(GatewayOptions::new(issuers)).await
+    }
+
+    pub async fn start_with(options: GatewayOptions<'_>) -> Self {
+        let stack = stack();
+        assert!(
+            stack.signing_key.exists(),
+            "{} is missing: run the tests with scripts/test.sh, which starts ClickHouse, Cube and the key Cube trusts",
+            stack.signing_key.display()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("gateway.toml");
+        std::fs::write(&config, config_toml(&stack, &options.issuers)).unwrap();
+
+        let mut command = Command::new(env!("CARGO_BIN_EXE_monitor-gateway"));
+        command
+            .arg("--config")
+            .arg(&config)
+            .arg("serve")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (key, value) in &options.env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("the gateway binary starts");
+        let (public, admin) = listener_addresses(&mut child);
+
+        let gateway = Self {
+            child,
+            url: format!("http://{public}"),
+            admin_url: format!("http://{admin}"),
+            http: reqwest::Client::new(),
+            _dir: dir,
+        };
+        if options.wait_ready {
+            gateway.wait_ready(Duration::from_secs(30)).await;
+        }
+        gateway
+    }
+
+    pub async fn readyz(&self) -> (u16, Value) {
+        let response = self
+            .http
+            .get(format!("{}/readyz", self.admin_url))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn wait_ready(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (status, body) = self.readyz().await;
+            if status == 200 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway not ready after {timeout:?}: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A request to the public API with an instance's credentials.
+    pub fn api(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        instance: &str,
+    ) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(token)
+            .header("X-Gitlab-Instance-Id", instance)
+    }
+
+    pub async fn onboard(&self, token: &str, instance: &str, project: u64) -> (u16, Value) {
+        let path = format!("/v1/product-analytics/projects/{project}");
+        let response = self
+            .api(reqwest::Method::PUT, &path, token, instance)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap())
+    }
+
+    /// A Cube `load` through the gateway, polling while Cube answers "Continue wait".
+    pub async fn load(
+        &self,
+        token: &str,
+        instance: &str,
+        project: u64,
+        query: Value,
+    ) -> (u16, Value) {
+        let path = format!("/v1/product-analytics/projects/{project}/cubejs-api/v1/load");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let response = self
+                .api(reqwest::Method::POST, &path, token, instance)
+                .json(&json!({ "query": query }))
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.unwrap();
+            if status == 200 && body["error"] == "Continue wait" && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            return (status, body);
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn config_toml(stack: &Stack, issuers: &[&Issuer]) -> String {
+    let mut toml = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+public_url = "http://gateway.test"
+
+[log]
+format = "json"
+level = "info,actors=debug"
+
+[auth.key_refresh]
+interval_seconds = 3600
+jitter = 0.0
+unknown_kid_min_interval_seconds = 1
+retry_seconds = 1
+fetch_timeout_seconds = 2
+
+[clickhouse]
+url = "{ch}"
+
+[cube]
+url = "{cube}"
+
+[signing]
+key_file = "{key}"
+create_if_missing = false
+"#,
+        ch = stack.clickhouse_url,
+        cube = stack.cube_url,
+        key = stack.signing_key.display(),
+    );
+    for (i, issuer) in issuers.iter().enumerate() {
+        toml.push_str(&format!(
+            "\n[[auth.issuers]]\nname = \"issuer{i}\"\nissuer = \"{}\"\njwks_url = \"{}\"\n",
+            issuer.issuer,
+            issuer.jwks_url()
+        ));
+    }
+    toml
+}
+
+/// Reads the gateway's JSON logs until both listeners are bound; echoes every line to stderr
+/// so a failing test shows what the gateway said.
+fn listener_addresses(child: &mut Child) -> (String, String) {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            eprintln!("[gateway] {line}");
+            if let Ok(log) = serde_json::from_str::<Value>(&line)
+                && log["message"] == "listening"
+            {
+                let _ = tx.send((
+                    log["listener"].as_str().unwrap_or_default().to_owned(),
+                    log["addr"].as_str().unwrap_or_default().to_owned(),
+                ));
+            }
+        }
+    });
+    let (mut public, mut admin) = (None, None);
+    while public.is_none() || admin.is_none() {
+        let (which, addr) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the gateway binds its listeners");
+        match which.as_str() {
+            "public" => public = Some(addr),
+            _ => admin = Some(addr),
+        }
+    }
+    (public.unwrap(), admin.unwrap())
+}
+
+/// ClickHouse over HTTP, as the default user.
+pub async fn clickhouse(sql: &str) -> String {
+    let response = reqwest::Client::new()
+        .post(&stack().clickhouse_url)
+        .body(sql.to_owned())
+        .send()
+        .await
+        .expect("ClickHouse answers");
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    assert!(status.is_success(), "ClickHouse refused {sql:?}: {text}");
+    text
+}
+
+/// One tracked event; fields not given are left to the table's defaults.
+pub fn event(name: &str, user: &str, path: &str) -> Value {
+    json!({
+        "app_id": "test",
+        "event": name,
+        "event_id": uuid::Uuid::new_v4().to_string(),
+        "domain_userid": user,
+        "page_urlpath": path,
+        "collector_tstamp": "2026-11-02 10:00:00",
+        "derived_tstamp": "2026-11-02 10:00:00",
+    })
+}
+
+pub async fn insert_events(database: &str, events: &[Value]) {
+    let body: String = events.iter().map(|event| format!("{event}\n")).collect();
+    clickhouse(&format!(
+        "INSERT INTO {database}.snowplow_events FORMAT JSONEachRow\n{body}"
+    ))
+    .await;
+}

@@ -1,0 +1,127 @@
+//! Onboarding against the real ClickHouse: databases, tables, the registry and idempotence.
+
+mod common;
+
+use common::{Gateway, Issuer, clickhouse, new_instance, tenant_key};
+use reqwest::Method;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_creates_the_database_and_a_second_put_returns_the_same_details() {
+    let issuer = Issuer::start().await;
+    let gateway = Gateway::start(&[&issuer]).await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+    let key = tenant_key(&instance, 42);
+
+    let (status, first) = gateway.onboard(&token, &instance, 42).await;
+    assert_eq!(status, 201, "{first}");
+    assert_eq!(first["tenant_key"], key);
+    assert_eq!(first["database"], format!("gitlab_project_{key}"));
+    assert_eq!(first["app_id"], key);
+    assert_eq!(first["project_id"], 42);
+    assert_eq!(first["instance_id"], instance);
+    assert_eq!(first["status"], "ready");
+    assert_eq!(
+        first["query_url"],
+        "http://gateway.test/v1/product-analytics/projects/42/cubejs-api/v1"
+    );
+    assert_eq!(first["collector_url"], "http://gateway.test/collector");
+    assert!(
+        first["created_at"].as_str().unwrap().ends_with('Z'),
+        "{first}"
+    );
+
+    let tables = clickhouse(&format!(
+        "SELECT name FROM system.tables WHERE database = 'gitlab_project_{key}' FORMAT TSV"
+    ))
+    .await;
+    assert_eq!(tables.trim(), "snowplow_events");
+    let registry = clickhouse(&format!(
+        "SELECT status FROM monitor_gateway.projects FINAL WHERE tenant_key = '{key}' FORMAT TSV"
+    ))
+    .await;
+    assert_eq!(registry.trim(), "ready");
+
+    let (status, second) = gateway.onboard(&token, &instance, 42).await;
+    assert_eq!(status, 200);
+    assert_eq!(second, first);
+
+    let response = gateway
+        .api(
+            Method::GET,
+            "/v1/product-analytics/projects/42",
+            &token,
+            &instance,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<serde_json::Value>().await.unwrap(), first);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_survives_a_gateway_restart() {
+    let issuer = Issuer::start().await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+
+    let mut gateway = Gateway::start(&[&issuer]).await;
+    let (status, first) = gateway.onboard(&token, &instance, 7).await;
+    assert_eq!(status, 201);
+    gateway.kill();
+
+    let gateway = Gateway::start(&[&issuer]).await;
+    let response = gateway
+        .api(
+            Method::GET,
+            "/v1/product-analytics/projects/7",
+            &token,
+            &instance,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<serde_json::Value>().await.unwrap(), first);
+    let (status, again) = gateway.onboard(&token, &instance, 7).await;
+    assert_eq!((status, again), (200, first));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_not_onboarded_is_404_and_invalid_ids_are_400() {
+    let issuer = Issuer::start().await;
+    let gateway = Gateway::start(&[&issuer]).await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+
+    let response = gateway
+        .api(
+            Method::GET,
+            "/v1/product-analytics/projects/5",
+            &token,
+            &instance,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "project_not_onboarded");
+
+    for bad in ["0", "-1", "abc", "18446744073709551616", "01", "1.5"] {
+        let response = gateway
+            .api(
+                Method::PUT,
+                &format!("/v1/product-analytics/projects/{bad}"),
+                &token,
+                &instance,
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{bad}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_project_id", "{bad}");
+    }
+}

@@ -1,0 +1,191 @@
+//! Queries through the gateway to the real Cube, and tenant isolation between instances.
+
+mod common;
+
+use common::{Gateway, Issuer, event, insert_events, new_instance, tenant_key};
+use reqwest::Method;
+use serde_json::json;
+
+fn count(body: &serde_json::Value, member: &str) -> i64 {
+    let value = &body["data"][0][member];
+    value.as_str().map_or_else(
+        || value.as_i64().unwrap_or(-1),
+        |text| text.parse().unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_counts_exactly_the_projects_events_and_filters_by_event() {
+    let issuer = Issuer::start().await;
+    let gateway = Gateway::start(&[&issuer]).await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+    let (status, details) = gateway.onboard(&token, &instance, 1001).await;
+    assert_eq!(status, 201, "{details}");
+
+    let mut events = Vec::new();
+    events.extend((0..5).map(|i| event("page_view", &format!("user-{}", i % 3), "/home")));
+    events.extend((0..3).map(|_| event("struct", "user-9", "/settings")));
+    insert_events(details["database"].as_str().unwrap(), &events).await;
+
+    let (status, body) = gateway
+        .load(
+            &token,
+            &instance,
+            1001,
+            json!({ "measures": ["TrackedEvents.count"] }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(count(&body, "TrackedEvents.count"), 8, "{body}");
+
+    let filtered = json!({
+        "measures": ["TrackedEvents.count"],
+        "filters": [{ "member": "TrackedEvents.event", "operator": "equals", "values": ["page_view"] }],
+    });
+    let (status, body) = gateway.load(&token, &instance, 1001, filtered).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(count(&body, "TrackedEvents.count"), 5, "{body}");
+
+    let views =
+        json!({ "measures": ["TrackedEvents.pageViewsCount", "TrackedEvents.uniqueUsersCount"] });
+    let (status, body) = gateway.load(&token, &instance, 1001, views).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(count(&body, "TrackedEvents.pageViewsCount"), 5, "{body}");
+    assert_eq!(count(&body, "TrackedEvents.uniqueUsersCount"), 4, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_with_the_same_project_id_see_only_their_own_events() {
+    let issuer = Issuer::start().await;
+    let gateway = Gateway::start(&[&issuer]).await;
+    let (a, b) = (new_instance(), new_instance());
+    let (token_a, token_b) = (issuer.token(&a), issuer.token(&b));
+
+    let (_, details_a) = gateway.onboard(&token_a, &a, 77).await;
+    let (_, details_b) = gateway.onboard(&token_b, &b, 77).await;
+    assert_eq!(
+        details_a["database"],
+        format!("gitlab_project_{}", tenant_key(&a, 77))
+    );
+    assert_eq!(
+        details_b["database"],
+        format!("gitlab_project_{}", tenant_key(&b, 77))
+    );
+    assert_ne!(details_a["database"], details_b["database"]);
+
+    insert_events(
+        details_a["database"].as_str().unwrap(),
+        &vec![event("page_view", "u", "/a"); 3],
+    )
+    .await;
+    insert_events(
+        details_b["database"].as_str().unwrap(),
+        &vec![event("page_view", "u", "/b"); 11],
+    )
+    .await;
+
+    let query = json!({ "measures": ["TrackedEvents.count"] });
+    let (_, body_a) = gateway.load(&token_a, &a, 77, query.clone()).await;
+    let (_, body_b) = gateway.load(&token_b, &b, 77, query.clone()).await;
+    assert_eq!(count(&body_a, "TrackedEvents.count"), 3, "{body_a}");
+    assert_eq!(count(&body_b, "TrackedEvents.count"), 11, "{body_b}");
+
+    // Instance A's token with instance B's header is refused, and A cannot name B's database.
+    let (status, body) = gateway.load(&token_a, &b, 77, query.clone()).await;
+    assert_eq!(status, 401, "{body}");
+    let forged = json!({
+        "query": query,
+        "securityContext": { "database": details_b["database"] },
+        "database": details_b["database"],
+    });
+    let response = gateway
+        .api(
+            Method::POST,
+            "/v1/product-analytics/projects/77/cubejs-api/v1/load",
+            &token_a,
+            &a,
+        )
+        .json(&forged)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert!(status == 200 || status == 400, "{status} {body}");
+    if status == 200 && body["error"] != "Continue wait" {
+        assert_eq!(count(&body, "TrackedEvents.count"), 3, "{body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meta_lists_the_data_model_and_unknown_members_are_invalid_queries() {
+    let issuer = Issuer::start().await;
+    let gateway = Gateway::start(&[&issuer]).await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+    gateway.onboard(&token, &instance, 3).await;
+
+    let response = gateway
+        .api(
+            Method::GET,
+            "/v1/product-analytics/projects/3/cubejs-api/v1/meta",
+            &token,
+            &instance,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let meta: serde_json::Value = response.json().await.unwrap();
+    let names: Vec<String> = meta["cubes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|cube| {
+            let members = cube["measures"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .chain(cube["dimensions"].as_array().unwrap());
+            members
+                .map(|member| member["name"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for member in [
+        "TrackedEvents.count",
+        "TrackedEvents.pageViewsCount",
+        "TrackedEvents.uniqueUsersCount",
+        "TrackedEvents.derivedTstamp",
+        "TrackedEvents.pageUrlpath",
+        "TrackedEvents.event",
+    ] {
+        assert!(
+            names.iter().any(|name| name == member),
+            "{member} missing from {names:?}"
+        );
+    }
+
+    let (status, body) = gateway
+        .load(
+            &token,
+            &instance,
+            3,
+            json!({ "measures": ["TrackedEvents.noSuchMeasure"] }),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_query");
+
+    let (status, body) = gateway
+        .load(
+            &token,
+            &instance,
+            4,
+            json!({ "measures": ["TrackedEvents.count"] }),
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "project_not_onboarded");
+}
