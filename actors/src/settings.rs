@@ -16,7 +16,7 @@ pub struct AuthSettings {
     pub leeway_seconds: u64,
     /// Tokens longer than this are refused before any parsing.
     pub max_token_bytes: usize,
-    /// Verified tokens kept, so the hot path skips RSA verification.
+    /// Verified tokens kept, so the hot path skips RSA verification; 0 turns the cache off.
     pub token_cache_capacity: u64,
     pub issuers: Vec<IssuerSettings>,
     pub key_refresh: KeyRefreshSettings,
@@ -63,6 +63,8 @@ pub struct KeyRefreshSettings {
     pub retry_seconds: u64,
     /// Timeout of one JWKS or discovery request.
     pub fetch_timeout_seconds: u64,
+    /// Retries of a fetch that failed on the network or with a 5xx, with exponential backoff.
+    pub fetch_retries: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

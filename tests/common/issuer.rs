@@ -58,6 +58,7 @@ pub enum IssuerMode {
 }
 
 struct Shared {
+    host: String,
     published: Vec<IssuerKey>,
     signing: IssuerKey,
     mode: IssuerMode,
@@ -83,16 +84,18 @@ impl Issuer {
 
     pub async fn start_with_mode(mode: IssuerMode) -> Self {
         let key = IssuerKey::generate();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Mutex::new(Shared {
+            host: addr.to_string(),
             published: vec![key.clone()],
             signing: key,
             mode,
         }));
         let requests = Arc::new(AtomicUsize::new(0));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let router = Router::new()
             .route("/oauth/discovery/keys", get(jwks))
+            .route("/.well-known/openid-configuration", get(discovery))
             .with_state(AppState {
                 shared: shared.clone(),
                 requests: requests.clone(),
@@ -108,6 +111,10 @@ impl Issuer {
 
     pub fn jwks_url(&self) -> String {
         format!("http://{}/oauth/discovery/keys", self.addr)
+    }
+
+    pub fn discovery_url(&self) -> String {
+        format!("http://{}/.well-known/openid-configuration", self.addr)
     }
 
     pub fn requests(&self) -> usize {
@@ -167,6 +174,13 @@ pub fn now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs()
+}
+
+async fn discovery(State(state): State<AppState>) -> Response {
+    state.requests.fetch_add(1, Ordering::SeqCst);
+    let host = state.shared.lock().unwrap().host.clone();
+    axum::Json(json!({ "issuer": format!("http://{host}"), "jwks_uri": format!("http://{host}/oauth/discovery/keys") }))
+        .into_response()
 }
 
 async fn jwks(State(state): State<AppState>) -> Response {

@@ -57,6 +57,8 @@ pub struct Gateway {
 
 pub struct GatewayOptions<'a> {
     pub issuers: Vec<&'a Issuer>,
+    /// Configure issuers by their OIDC discovery document instead of their JWKS URL.
+    pub discovery: bool,
     /// Extra MONITOR_GATEWAY__* variables.
     pub env: Vec<(String, String)>,
     pub wait_ready: bool,
@@ -66,6 +68,7 @@ impl<'a> GatewayOptions<'a> {
     pub fn new(issuers: &[&'a Issuer]) -> Self {
         Self {
             issuers: issuers.to_vec(),
+            discovery: false,
             env: Vec::new(),
             wait_ready: true,
         }
@@ -74,6 +77,11 @@ impl<'a> GatewayOptions<'a> {
     pub fn env(mut self, key: &str, value: impl ToString) -> Self {
         self.env
             .push((format!("MONITOR_GATEWAY__{key}"), value.to_string()));
+        self
+    }
+
+    pub fn discovery(mut self) -> Self {
+        self.discovery = true;
         self
     }
 
@@ -97,7 +105,7 @@ impl Gateway {
         );
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("gateway.toml");
-        std::fs::write(&config, config_toml(&stack, &options.issuers)).unwrap();
+        std::fs::write(&config, config_toml(&stack, &options)).unwrap();
 
         let mut command = Command::new(env!("CARGO_BIN_EXE_monitor-gateway"));
         command
@@ -203,6 +211,16 @@ impl Gateway {
         }
     }
 
+    pub async fn metrics(&self) -> String {
+        let response = self
+            .http
+            .get(format!("{}/metrics", self.admin_url))
+            .send()
+            .await
+            .unwrap();
+        response.text().await.unwrap()
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -215,7 +233,7 @@ impl Drop for Gateway {
     }
 }
 
-fn config_toml(stack: &Stack, issuers: &[&Issuer]) -> String {
+fn config_toml(stack: &Stack, options: &GatewayOptions<'_>) -> String {
     let mut toml = format!(
         r#"
 [server]
@@ -248,11 +266,15 @@ create_if_missing = false
         cube = stack.cube_url,
         key = stack.signing_key.display(),
     );
-    for (i, issuer) in issuers.iter().enumerate() {
+    for (i, issuer) in options.issuers.iter().enumerate() {
+        let source = if options.discovery {
+            format!("discovery_url = \"{}\"", issuer.discovery_url())
+        } else {
+            format!("jwks_url = \"{}\"", issuer.jwks_url())
+        };
         toml.push_str(&format!(
-            "\n[[auth.issuers]]\nname = \"issuer{i}\"\nissuer = \"{}\"\njwks_url = \"{}\"\n",
-            issuer.issuer,
-            issuer.jwks_url()
+            "\n[[auth.issuers]]\nname = \"issuer{i}\"\nissuer = \"{}\"\n{source}\n",
+            issuer.issuer
         ));
     }
     toml

@@ -4,6 +4,7 @@
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use backon::{ExponentialBuilder, Retryable};
 use jsonwebtoken::Algorithm;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use rand::Rng;
@@ -41,7 +42,7 @@ impl IssuerKeys {
             .clone()
     }
 
-    fn publish(&self, set: KeySet) {
+    pub(super) fn publish(&self, set: KeySet) {
         *self
             .current
             .write()
@@ -98,6 +99,14 @@ enum FetchError {
 }
 
 impl FetchError {
+    fn is_transient(&self) -> bool {
+        match self {
+            Self::Http { .. } => true,
+            Self::Status { status, .. } => status.is_server_error() || status.as_u16() == 429,
+            _ => false,
+        }
+    }
+
     fn reason(&self) -> &'static str {
         match self {
             Self::Http { source, .. } if source.is_timeout() => "timeout",
@@ -215,7 +224,22 @@ impl IssuerState {
         }
     }
 
+    /// One fetch with retries: transient failures (network, timeouts, 5xx) are retried with
+    /// exponential backoff; a document that arrived but is unusable is not.
     async fn fetch(&self) -> Result<KeySet, FetchError> {
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(2))
+            .with_max_times(self.refresh.fetch_retries)
+            .with_jitter();
+        (|| self.fetch_once())
+            .retry(backoff)
+            .when(FetchError::is_transient)
+            .notify(|err, delay| debug!(issuer = self.keys.name, error = %err, ?delay, "retrying key set fetch"))
+            .await
+    }
+
+    async fn fetch_once(&self) -> Result<KeySet, FetchError> {
         let jwks_url = match (&self.settings.jwks_url, &self.settings.discovery_url) {
             (Some(url), _) => url.clone(),
             (None, Some(discovery)) => self.discover(discovery).await?,

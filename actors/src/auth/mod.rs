@@ -94,7 +94,8 @@ struct Claims {
 pub struct Authenticator {
     settings: AuthSettings,
     issuers: HashMap<String, Arc<IssuerKeys>>,
-    verified: Cache<[u8; 32], Arc<VerifiedToken>>,
+    /// None when the cache is configured off.
+    verified: Option<Cache<[u8; 32], Arc<VerifiedToken>>>,
 }
 
 struct UntilTokenExpiry;
@@ -114,10 +115,12 @@ impl moka::Expiry<[u8; 32], Arc<VerifiedToken>> for UntilTokenExpiry {
 
 impl Authenticator {
     pub fn new(settings: AuthSettings, issuers: Vec<Arc<IssuerKeys>>) -> Self {
-        let verified = Cache::builder()
-            .max_capacity(settings.token_cache_capacity)
-            .expire_after(UntilTokenExpiry)
-            .build();
+        let verified = (settings.token_cache_capacity > 0).then(|| {
+            Cache::builder()
+                .max_capacity(settings.token_cache_capacity)
+                .expire_after(UntilTokenExpiry)
+                .build()
+        });
         let issuers = issuers
             .into_iter()
             .map(|keys| (keys.issuer.clone(), keys))
@@ -158,21 +161,9 @@ impl Authenticator {
         credentials: &Credentials<'_>,
     ) -> Result<Identity, AuthError> {
         let token = bearer_token(credentials.authorization, self.settings.max_token_bytes)?;
-        let fingerprint: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-
-        let verified = match self.verified.get(&fingerprint) {
-            Some(hit) if hit.expires_at > unix_now() => {
-                metrics::counter!("monitor_gateway_auth_token_cache_total", "result" => "hit")
-                    .increment(1);
-                hit
-            }
-            _ => {
-                metrics::counter!("monitor_gateway_auth_token_cache_total", "result" => "miss")
-                    .increment(1);
-                let fresh = Arc::new(self.verify(token).await?);
-                self.verified.insert(fingerprint, fresh.clone());
-                fresh
-            }
+        let verified = match &self.verified {
+            Some(cache) => self.verify_cached(cache, token).await?,
+            None => Arc::new(self.verify(token).await?),
         };
         check_headers(&verified, credentials)?;
 
@@ -190,6 +181,28 @@ impl Authenticator {
             realm: verified.realm.clone(),
             issuer: verified.issuer.clone(),
         })
+    }
+
+    /// Looks the token up by its SHA-256; verifies and remembers it when absent or expired.
+    async fn verify_cached(
+        &self,
+        cache: &Cache<[u8; 32], Arc<VerifiedToken>>,
+        token: &str,
+    ) -> Result<Arc<VerifiedToken>, AuthError> {
+        let fingerprint: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(hit) = cache
+            .get(&fingerprint)
+            .filter(|hit| hit.expires_at > unix_now())
+        {
+            metrics::counter!("monitor_gateway_auth_token_cache_total", "result" => "hit")
+                .increment(1);
+            return Ok(hit);
+        }
+        metrics::counter!("monitor_gateway_auth_token_cache_total", "result" => "miss")
+            .increment(1);
+        let fresh = Arc::new(self.verify(token).await?);
+        cache.insert(fingerprint, fresh.clone());
+        Ok(fresh)
     }
 
     /// Full verification of a token not seen before: issuer, key, signature and claims.
@@ -435,5 +448,145 @@ mod tests {
         assert_eq!(realm_label(Some("saas")), "saas");
         assert_eq!(realm_label(Some("anything the caller sends")), "unknown");
         assert_eq!(realm_label(None), "unknown");
+    }
+
+    mod properties {
+        use std::sync::OnceLock;
+
+        use base64::Engine;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use jsonwebtoken::{Algorithm, EncodingKey, Header};
+        use proptest::prelude::*;
+        use rsa::pkcs1::EncodeRsaPrivateKey;
+        use rsa::traits::PublicKeyParts;
+
+        use super::super::*;
+        use crate::settings::{IssuerSettings, KeyRefreshSettings};
+
+        const ISSUER: &str = "https://issuer.test";
+        const INSTANCE: &str = "8f6e4253-4b5e-4a6c-9d55-3b0b6a1d2c7e";
+
+        struct Fixture {
+            auth: Authenticator,
+            valid: String,
+        }
+
+        /// An authenticator holding one real key, and a token that key signed.
+        fn fixture() -> &'static Fixture {
+            static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+            FIXTURE.get_or_init(|| {
+                let private = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).unwrap();
+                let public = private.to_public_key();
+                let jwks = serde_json::json!({ "keys": [{
+                    "kty": "RSA", "use": "sig", "alg": "RS256", "kid": "k1",
+                    "n": URL_SAFE_NO_PAD.encode(public.n().to_bytes_be()),
+                    "e": URL_SAFE_NO_PAD.encode(public.e().to_bytes_be()),
+                }]});
+                let keys = Arc::new(IssuerKeys::new(
+                    "test".into(),
+                    ISSUER.into(),
+                    vec![Algorithm::RS256],
+                ));
+                keys.publish(
+                    KeySet::from_jwks(jwks.to_string().as_bytes(), &[Algorithm::RS256]).unwrap(),
+                );
+
+                let settings = AuthSettings {
+                    audience: "gitlab-monitor-gateway".into(),
+                    scope: "product_analytics".into(),
+                    leeway_seconds: 60,
+                    max_token_bytes: 8192,
+                    token_cache_capacity: 100,
+                    issuers: vec![IssuerSettings {
+                        name: "test".into(),
+                        issuer: ISSUER.into(),
+                        jwks_url: Some("http://127.0.0.1:9/keys".into()),
+                        discovery_url: None,
+                        algorithms: vec!["RS256".into()],
+                    }],
+                    key_refresh: KeyRefreshSettings {
+                        interval_seconds: 3600,
+                        jitter: 0.0,
+                        unknown_kid_min_interval_seconds: 10,
+                        retry_seconds: 5,
+                        fetch_timeout_seconds: 1,
+                        fetch_retries: 0,
+                    },
+                };
+                let now = unix_now();
+                let claims = serde_json::json!({
+                    "iss": ISSUER, "aud": "gitlab-monitor-gateway", "sub": INSTANCE,
+                    "scopes": ["product_analytics"], "iat": now, "nbf": now, "exp": now + 600,
+                });
+                let mut header = Header::new(Algorithm::RS256);
+                header.kid = Some("k1".into());
+                let key = EncodingKey::from_rsa_der(private.to_pkcs1_der().unwrap().as_bytes());
+                let valid = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+                Fixture {
+                    auth: Authenticator::new(settings, vec![keys]),
+                    valid,
+                }
+            })
+        }
+
+        fn authenticate(authorization: &str, instance: &str) -> Result<Identity, AuthError> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let credentials = Credentials {
+                authorization: Some(authorization),
+                instance_id: Some(instance),
+                realm: None,
+                authentication_type: None,
+            };
+            runtime.block_on(fixture().auth.authenticate(&credentials))
+        }
+
+        #[test]
+        fn the_fixture_token_is_accepted() {
+            let identity = authenticate(&format!("Bearer {}", fixture().valid), INSTANCE).unwrap();
+            assert_eq!(identity.instance.as_str(), INSTANCE);
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn arbitrary_authorization_values_never_panic_or_pass(value in ".{0,300}") {
+                prop_assert!(authenticate(&value, INSTANCE).is_err());
+            }
+
+            #[test]
+            fn arbitrary_segments_never_panic_or_pass(
+                parts in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 1..5),
+                encode in any::<bool>(),
+            ) {
+                let segments: Vec<String> = parts
+                    .iter()
+                    .map(|bytes| if encode { URL_SAFE_NO_PAD.encode(bytes) } else { String::from_utf8_lossy(bytes).into_owned() })
+                    .collect();
+                let token = format!("Bearer {}", segments.join("."));
+                prop_assert!(authenticate(&token, INSTANCE).is_err());
+            }
+
+            #[test]
+            fn any_single_byte_change_to_a_valid_token_is_refused(position in 0usize..2000, byte in any::<u8>()) {
+                let mut token = fixture().valid.clone().into_bytes();
+                let position = position % token.len();
+                prop_assume!(token[position] != byte);
+                token[position] = byte;
+                let token = String::from_utf8_lossy(&token).into_owned();
+                let outcome = authenticate(&format!("Bearer {token}"), INSTANCE);
+                // Changes to base64 padding bits can leave the decoded bytes intact.
+                if let Ok(identity) = outcome {
+                    prop_assert_eq!(identity.instance.as_str(), INSTANCE);
+                    let decoded_same = token.split('.').zip(fixture().valid.split('.')).all(|(a, b)| {
+                        URL_SAFE_NO_PAD.decode(a).ok() == URL_SAFE_NO_PAD.decode(b).ok()
+                    });
+                    prop_assert!(decoded_same, "a changed token was accepted: {token}");
+                }
+            }
+        }
     }
 }
