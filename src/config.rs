@@ -55,7 +55,7 @@ pub enum LogFormat {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("invalid configuration: {0}")]
+    #[error("invalid configuration")]
     Load(#[from] Box<figment::Error>),
     #[error("invalid configuration: {key}: {reason}")]
     Invalid { key: String, reason: String },
