@@ -38,9 +38,11 @@ details=$(curl -fsS -X PUT "$GATEWAY/v1/product-analytics/projects/$PROJECT_ID" 
 echo "$details" | python3 -m json.tool
 database=$(echo "$details" | python3 -c 'import json,sys; print(json.load(sys.stdin)["database"])')
 
-say "loading $SAMPLE_EVENTS sample events into $database (once)"
 existing=$(curl -fsS "$CLICKHOUSE/" --data-binary "SELECT count() FROM $database.snowplow_events")
-if [[ $existing -eq 0 ]]; then
+if [[ $existing -gt 0 ]]; then
+  say "$database already holds $existing events (loaded by an earlier run)"
+else
+  say "loading $SAMPLE_EVENTS sample events into $database"
   curl -fsS "$CLICKHOUSE/" --data-binary "
     INSERT INTO $database.snowplow_events
       (app_id, platform, event, event_id, event_name, collector_tstamp, derived_tstamp,

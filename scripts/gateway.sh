@@ -10,7 +10,8 @@
 #   demo  gateway http://127.0.0.1:8080 (admin 9090), issuer http://127.0.0.1:8081
 #   test  gateway http://127.0.0.1:28080 (admin 28090), issuer http://127.0.0.1:28081
 #
-# The gateway binary is $MONITOR_GATEWAY_BIN (default target/debug/monitor-gateway). State,
+# The gateway binary is $MONITOR_GATEWAY_BIN; otherwise the one the profile was last started
+# with, else target/release/monitor-gateway, else target/debug/monitor-gateway. State,
 # logs and keys live in .stack/<profile>/: gateway/{gateway.toml,gateway.log,*.pid},
 # issuer/ (the local issuer's key pair) and keys/gateway-signing.pem (the key Cube trusts).
 
@@ -18,7 +19,6 @@ set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly REPO_ROOT
-readonly BIN="${MONITOR_GATEWAY_BIN:-$REPO_ROOT/target/debug/monitor-gateway}"
 readonly WAIT_SECONDS="${GATEWAY_WAIT_SECONDS:-60}"
 
 log() { printf 'gateway: %s\n' "$*" >&2; }
@@ -32,6 +32,19 @@ profile_ports() {
   esac
   STATE="$REPO_ROOT/.stack/$1"
   DIR="$STATE/gateway"
+}
+
+pick_binary() {
+  if [[ -n ${MONITOR_GATEWAY_BIN:-} ]]; then
+    BIN=$MONITOR_GATEWAY_BIN
+  elif [[ -s $DIR/bin && -x $(cat "$DIR/bin") ]]; then
+    BIN=$(cat "$DIR/bin")
+  elif [[ -x $REPO_ROOT/target/release/monitor-gateway ]]; then
+    BIN=$REPO_ROOT/target/release/monitor-gateway
+  else
+    BIN=$REPO_ROOT/target/debug/monitor-gateway
+  fi
+  [[ -x $BIN ]] || die "$BIN is missing; build it first (cargo build --release)"
 }
 
 running() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -78,13 +91,13 @@ TOML
 }
 
 up() {
-  [[ -x $BIN ]] || die "$BIN is missing; build it first (cargo build)"
   mkdir -p "$DIR"
   if running "$DIR/gateway.pid" && running "$DIR/issuer.pid"; then
     log "$PROFILE gateway already running (pid $(cat "$DIR/gateway.pid"))"
     return 0
   fi
   down
+  echo "$BIN" >"$DIR/bin"
 
   "$BIN" dev issuer-init --dir "$STATE/issuer" 2>/dev/null
   "$BIN" dev issuer-serve --dir "$STATE/issuer" --listen "127.0.0.1:$ISSUER" \
@@ -120,6 +133,7 @@ main() {
   [[ $# -ge 2 ]] || { sed -n '2,/^$/{s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}" >&2; exit 2; }
   PROFILE=$2
   profile_ports "$PROFILE"
+  [[ $1 == down ]] || pick_binary
   case "$1" in
     up) up ;;
     down) down ;;

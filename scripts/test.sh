@@ -19,7 +19,7 @@ cleanup() {
 trap cleanup EXIT
 
 scripts/stack.sh up test
-scripts/gateway.sh up test
+MONITOR_GATEWAY_BIN=$PWD/target/debug/monitor-gateway scripts/gateway.sh up test
 
 export MG_TEST_CLICKHOUSE_URL=http://127.0.0.1:28123
 export MG_TEST_CUBE_URL=http://127.0.0.1:24000
@@ -30,4 +30,4 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --locked --workspace --no-fail-fast "$@"
 fi
-echo "test: finished in $((SECONDS - started))s" >&2
+echo "test: finished in $((SECONDS - started))s, build and stack start included" >&2

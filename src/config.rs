@@ -55,12 +55,19 @@ pub enum LogFormat {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("invalid configuration")]
-    Load(#[from] Box<figment::Error>),
+    /// Not a `source`, so the message is printed once.
+    #[error("invalid configuration: {0}")]
+    Load(Box<figment::Error>),
     #[error("invalid configuration: {key}: {reason}")]
     Invalid { key: String, reason: String },
     #[error("configuration file {0} does not exist")]
     MissingFile(String),
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(err: figment::Error) -> Self {
+        Self::Load(Box::new(err))
+    }
 }
 
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
@@ -81,7 +88,7 @@ impl Settings {
         }
         figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
 
-        let settings: Settings = figment.extract().map_err(Box::new)?;
+        let settings: Settings = figment.extract()?;
         settings.validate()?;
         Ok(settings)
     }

@@ -1,6 +1,7 @@
 //! Developer helpers: a local token issuer (key pair, JWKS, tokens) standing in for CustomersDot,
 //! so the whole flow can be tried on one machine. Nothing here runs in `serve`.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -24,34 +25,44 @@ const DEFAULT_ISSUER: &str = "http://127.0.0.1:8081";
 pub enum DevCommand {
     /// Create a local issuer key pair and its JWKS in a folder (kept if it already exists).
     IssuerInit {
+        /// Folder for issuer-key.pem and jwks.json.
         #[arg(long)]
         dir: PathBuf,
     },
     /// Serve the local issuer's JWKS at /oauth/discovery/keys, with an OIDC discovery document.
     IssuerServe {
+        /// The issuer's folder (created if missing).
         #[arg(long)]
         dir: PathBuf,
+        /// Where to listen; keep it on loopback.
         #[arg(long, default_value = "127.0.0.1:8081")]
         listen: SocketAddr,
         /// The issuer URL announced in the discovery document.
         #[arg(long, default_value = DEFAULT_ISSUER)]
         issuer: String,
     },
-    /// Print a Cloud Connector token for an instance, signed by the local issuer.
+    /// Print a Cloud Connector token for an instance, signed by the local issuer; with several
+    /// --instance-id, one token per line in the same order.
     Token {
+        /// The issuer's folder, made by issuer-init.
         #[arg(long)]
         dir: PathBuf,
-        #[arg(long)]
-        instance_id: String,
+        /// The instance UUID the token is for (sub and gitlab_instance_uid); repeatable.
+        #[arg(long = "instance-id", required = true)]
+        instance_ids: Vec<String>,
+        /// The `iss` claim; must match the gateway's configured issuer.
         #[arg(long, default_value = DEFAULT_ISSUER)]
         issuer: String,
+        /// The `aud` claim.
         #[arg(long, default_value = "gitlab-monitor-gateway")]
         audience: String,
         /// Scopes (unit primitives) to grant; repeat for several.
         #[arg(long = "scope", default_values = ["product_analytics"])]
         scopes: Vec<String>,
+        /// The `gitlab_realm` claim.
         #[arg(long, default_value = "self-managed")]
         realm: String,
+        /// Lifetime of the token.
         #[arg(long, default_value_t = 3 * 24 * 3600)]
         ttl_seconds: u64,
     },
@@ -72,7 +83,7 @@ pub fn run(command: DevCommand) -> anyhow::Result<()> {
         } => serve_issuer(&dir, listen, issuer),
         DevCommand::Token {
             dir,
-            instance_id,
+            instance_ids,
             issuer,
             audience,
             scopes,
@@ -82,27 +93,26 @@ pub fn run(command: DevCommand) -> anyhow::Result<()> {
             let key = read_key(&dir.join(KEY_FILE))
                 .context("run `monitor-gateway dev issuer-init` first")?;
             let (kid, _) = public_jwk(&key);
-            let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-            let claims = json!({
-                "iss": issuer,
-                "aud": audience,
-                "sub": instance_id,
-                "gitlab_instance_uid": instance_id,
-                "gitlab_realm": realm,
-                "scopes": scopes,
-                "iat": now,
-                "nbf": now,
-                "exp": now + ttl_seconds,
-                "jti": uuid::Uuid::new_v4().to_string(),
-            });
+            let signing = EncodingKey::from_rsa_der(&rsa_pkcs1_der(&key)?);
             let mut header = Header::new(Algorithm::RS256);
             header.kid = Some(kid);
-            let token = jsonwebtoken::encode(
-                &header,
-                &claims,
-                &EncodingKey::from_rsa_der(&rsa_pkcs1_der(&key)?),
-            )?;
-            println!("{token}");
+            let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for instance_id in instance_ids {
+                let claims = json!({
+                    "iss": issuer,
+                    "aud": audience,
+                    "sub": instance_id,
+                    "gitlab_instance_uid": instance_id,
+                    "gitlab_realm": realm,
+                    "scopes": scopes,
+                    "iat": now,
+                    "nbf": now,
+                    "exp": now + ttl_seconds,
+                    "jti": uuid::Uuid::new_v4().to_string(),
+                });
+                writeln!(out, "{}", jsonwebtoken::encode(&header, &claims, &signing)?)?;
+            }
             Ok(())
         }
     }

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use actors::auth::{Authenticator, IssuerKeys, parse_algorithms};
+use actors::housekeeper::Housekeeping;
 use actors::query::Queries;
 use actors::registry::Registry;
 use actors::signer::Signer;
@@ -59,6 +60,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let (root, mut root_stopped) = supervisor::start(RootArgs {
         auth: settings.auth.clone(),
         cube: settings.cube.clone(),
+        tenants: settings.tenants.clone(),
         issuers,
         registry: registry.clone(),
         signer: signer.clone(),
@@ -77,6 +79,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     };
     let readiness = Readiness::new(auth, registry, schema_ready, &settings.cube.url);
     let request_timeout = Duration::from_secs(settings.server.request_timeout_seconds);
+    let housekeeping = Housekeeping::new(request_timeout);
 
     let public = bind(settings.listen(), "public").await?;
     let admin = bind(settings.admin_listen(), "admin").await?;
@@ -88,7 +91,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     ));
     let admin_server = tokio::spawn(serve_until(
         admin,
-        http::admin_router(readiness, prometheus),
+        http::admin_router(readiness, housekeeping, prometheus, request_timeout),
         shutdown_rx,
     ));
 

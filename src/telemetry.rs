@@ -78,6 +78,26 @@ fn describe() {
         "monitor_gateway_projects_onboarded_total",
         "Projects moved to ready"
     );
+    describe_counter!(
+        "monitor_gateway_projects_deprovisioned_total",
+        "Projects deprovisioned"
+    );
+    describe_counter!(
+        "monitor_gateway_projects_purged_total",
+        "Project databases dropped after their grace period"
+    );
+    describe_counter!(
+        "monitor_gateway_quota_refusals_total",
+        "Onboardings refused by the project quota"
+    );
+    describe_counter!(
+        "monitor_gateway_upstream_errors_total",
+        "Failed requests to ClickHouse or Cube by upstream"
+    );
+    describe_gauge!(
+        "monitor_gateway_unregistered_databases",
+        "Tenant databases without a registry entry at the last reconciliation"
+    );
     describe_gauge!("monitor_gateway_tenant_actors", "Running tenant actors");
     describe_counter!(
         "monitor_gateway_actor_failures_total",

@@ -109,7 +109,16 @@ async fn a_project_not_onboarded_is_404_and_invalid_ids_are_400() {
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "project_not_onboarded");
 
-    for bad in ["0", "-1", "abc", "18446744073709551616", "01", "1.5"] {
+    for bad in [
+        "0",
+        "-1",
+        "abc",
+        "18446744073709551616",
+        "01",
+        "1.5",
+        "",
+        "%2B1",
+    ] {
         let response = gateway
             .api(
                 Method::PUT,

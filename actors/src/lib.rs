@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod code;
+pub mod housekeeper;
 pub mod query;
 pub mod registry;
 pub mod settings;

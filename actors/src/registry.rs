@@ -12,6 +12,18 @@ use crate::tenancy::{InstanceId, ProjectId, TenantKey};
 
 const EVENTS_TABLE_DDL: &str = include_str!("../sql/snowplow_events.sql");
 
+/// The registry table's columns, in `ProjectRow` order; new columns are only ever appended.
+const REGISTRY_COLUMNS: &[(&str, &str)] = &[
+    ("instance_id", "String"),
+    ("project_id", "UInt64"),
+    ("tenant_key", "String"),
+    ("status", "String"),
+    ("created_at", "DateTime"),
+    ("updated_at", "DateTime"),
+    ("version", "UInt64"),
+    ("deprovisioned_at", "DateTime"),
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("ClickHouse request failed: {0}")]
@@ -32,6 +44,10 @@ pub enum ProjectStatus {
     Provisioning,
     /// Its database and table exist; queries and collection are served.
     Ready,
+    /// Deleted by its instance: nothing is served, the data is kept for the grace period.
+    Deprovisioned,
+    /// Its database was dropped after the grace period.
+    Purged,
 }
 
 impl ProjectStatus {
@@ -39,6 +55,8 @@ impl ProjectStatus {
         match self {
             Self::Provisioning => "provisioning",
             Self::Ready => "ready",
+            Self::Deprovisioned => "deprovisioned",
+            Self::Purged => "purged",
         }
     }
 
@@ -46,6 +64,8 @@ impl ProjectStatus {
         match text {
             "provisioning" => Some(Self::Provisioning),
             "ready" => Some(Self::Ready),
+            "deprovisioned" => Some(Self::Deprovisioned),
+            "purged" => Some(Self::Purged),
             _ => None,
         }
     }
@@ -61,6 +81,8 @@ pub struct ProjectRecord {
     /// Unix seconds.
     pub created_at: u32,
     pub updated_at: u32,
+    /// When it was deprovisioned (Unix seconds), 0 otherwise.
+    pub deprovisioned_at: u32,
     /// Grows with every change; the registry keeps the row with the highest.
     pub version: u64,
 }
@@ -75,15 +97,36 @@ impl ProjectRecord {
             status: ProjectStatus::Provisioning,
             created_at: now,
             updated_at: now,
+            deprovisioned_at: 0,
             version: 1,
         }
     }
 
     /// The same project in a new status, as the next version.
     pub fn with_status(&self, status: ProjectStatus) -> Self {
+        let now = unix_now();
+        let deprovisioned_at = if status == ProjectStatus::Deprovisioned {
+            now
+        } else {
+            0
+        };
         Self {
             status,
-            updated_at: unix_now(),
+            updated_at: now,
+            deprovisioned_at,
+            version: self.version + 1,
+            ..self.clone()
+        }
+    }
+
+    /// A purged project onboarded again starts afresh, keeping its version history growing.
+    pub fn reborn(&self) -> Self {
+        let now = unix_now();
+        Self {
+            status: ProjectStatus::Provisioning,
+            created_at: now,
+            updated_at: now,
+            deprovisioned_at: 0,
             version: self.version + 1,
             ..self.clone()
         }
@@ -98,8 +141,13 @@ struct ProjectRow {
     status: String,
     created_at: u32,
     updated_at: u32,
+    deprovisioned_at: u32,
     version: u64,
 }
+
+/// The columns of `ProjectRow`, in its field order (RowBinary is positional).
+const PROJECT_COLUMNS: &str = "instance_id, project_id, tenant_key, status, created_at, \
+    updated_at, deprovisioned_at, version";
 
 impl From<&ProjectRecord> for ProjectRow {
     fn from(record: &ProjectRecord) -> Self {
@@ -110,6 +158,7 @@ impl From<&ProjectRecord> for ProjectRow {
             status: record.status.as_str().to_owned(),
             created_at: record.created_at,
             updated_at: record.updated_at,
+            deprovisioned_at: record.deprovisioned_at,
             version: record.version,
         }
     }
@@ -136,6 +185,7 @@ impl ProjectRow {
             status,
             created_at: self.created_at,
             updated_at: self.updated_at,
+            deprovisioned_at: self.deprovisioned_at,
             version: self.version,
         })
     }
@@ -167,23 +217,45 @@ impl Registry {
         }
     }
 
-    /// Creates the gateway's database and registry table when missing.
+    /// Creates the gateway's database and registry table when missing, and adds columns that
+    /// newer versions introduced to a table an older version created.
     pub async fn ensure_schema(&self) -> Result<(), RegistryError> {
         let db = &self.database;
         self.execute(&format!("CREATE DATABASE IF NOT EXISTS {db}"))
             .await?;
+        let columns: Vec<String> = REGISTRY_COLUMNS
+            .iter()
+            .map(|(name, kind)| format!("{name} {kind}"))
+            .collect();
         self.execute(&format!(
-            "CREATE TABLE IF NOT EXISTS {db}.projects (
-                instance_id String,
-                project_id UInt64,
-                tenant_key String,
-                status String,
-                created_at DateTime,
-                updated_at DateTime,
-                version UInt64
-            ) ENGINE = ReplacingMergeTree(version) ORDER BY (instance_id, project_id)"
+            "CREATE TABLE IF NOT EXISTS {db}.projects ({}) \
+             ENGINE = ReplacingMergeTree(version) ORDER BY (instance_id, project_id)",
+            columns.join(", ")
         ))
-        .await
+        .await?;
+
+        // ClickHouse 18.16 has no ADD COLUMN IF NOT EXISTS: compare with system.columns.
+        let query = self
+            .server
+            .query("SELECT name FROM system.columns WHERE database = ? AND table = 'projects'")
+            .bind(db.as_str());
+        let present: Vec<String> = self.deadline(query.fetch_all::<String>()).await?;
+        for (name, kind) in REGISTRY_COLUMNS {
+            if present.iter().any(|column| column == name) {
+                continue;
+            }
+            let added = self
+                .execute(&format!(
+                    "ALTER TABLE {db}.projects ADD COLUMN {name} {kind}"
+                ))
+                .await;
+            match added {
+                // Another replica may have added it a moment ago.
+                Err(err) if err.to_string().contains("already exists") => {}
+                other => other?,
+            }
+        }
+        Ok(())
     }
 
     /// A cheap round trip, for readiness.
@@ -193,22 +265,62 @@ impl Registry {
             .map(drop)
     }
 
+    /// Every project the instance has, purged ones included.
     pub async fn projects_of(
         &self,
         instance: &InstanceId,
     ) -> Result<Vec<ProjectRecord>, RegistryError> {
-        let rows = self
-            .deadline(
-                self.client
-                    .query(
-                        "SELECT instance_id, project_id, tenant_key, status, created_at, updated_at, version \
-                         FROM projects FINAL WHERE instance_id = ? ORDER BY project_id",
-                    )
-                    .bind(instance.as_str())
-                    .fetch_all::<ProjectRow>(),
-            )
-            .await?;
-        rows.into_iter().map(ProjectRow::into_record).collect()
+        let sql = format!(
+            "SELECT {PROJECT_COLUMNS} FROM projects FINAL WHERE instance_id = ? ORDER BY project_id"
+        );
+        self.select(self.client.query(&sql).bind(instance.as_str()))
+            .await
+    }
+
+    /// Projects of every instance in a status, for reconciliation and purging.
+    pub async fn projects_in(
+        &self,
+        status: ProjectStatus,
+    ) -> Result<Vec<ProjectRecord>, RegistryError> {
+        let sql = format!(
+            "SELECT {PROJECT_COLUMNS} FROM projects FINAL WHERE status = ? \
+             ORDER BY instance_id, project_id"
+        );
+        self.select(self.client.query(&sql).bind(status.as_str()))
+            .await
+    }
+
+    /// Tenant keys the registry accounts for (everything not purged).
+    pub async fn registered_tenant_keys(&self) -> Result<Vec<String>, RegistryError> {
+        let query = self
+            .client
+            .query("SELECT tenant_key FROM projects FINAL WHERE status != 'purged'");
+        self.deadline(query.fetch_all::<String>()).await
+    }
+
+    /// Tenant databases that exist on the server.
+    pub async fn tenant_databases(&self) -> Result<Vec<String>, RegistryError> {
+        let query = self.server.query(
+            "SELECT name FROM system.databases WHERE startsWith(name, 'gitlab_project_') \
+             ORDER BY name",
+        );
+        self.deadline(query.fetch_all::<String>()).await
+    }
+
+    /// Events stored for a tenant in one calendar month (by collector timestamp, UTC).
+    pub async fn events_in_month(
+        &self,
+        tenant_key: &TenantKey,
+        year: u16,
+        month: u8,
+    ) -> Result<u64, RegistryError> {
+        let database = tenant_key.database();
+        let sql = format!(
+            "SELECT count() FROM {database}.snowplow_events WHERE toYYYYMM(collector_tstamp) = ?"
+        );
+        let period = u32::from(year) * 100 + u32::from(month);
+        self.deadline(self.server.query(&sql).bind(period).fetch_one::<u64>())
+            .await
     }
 
     pub async fn record(&self, project: &ProjectRecord) -> Result<(), RegistryError> {
@@ -231,6 +343,21 @@ impl Registry {
             .await?;
         self.execute(&EVENTS_TABLE_DDL.replace("{database}", &database))
             .await
+    }
+
+    /// Drops the tenant's database and everything in it; safe to repeat.
+    pub async fn drop_tenant_database(&self, tenant_key: &TenantKey) -> Result<(), RegistryError> {
+        let database = tenant_key.database();
+        self.execute(&format!("DROP DATABASE IF EXISTS {database}"))
+            .await
+    }
+
+    async fn select(
+        &self,
+        query: clickhouse::query::Query,
+    ) -> Result<Vec<ProjectRecord>, RegistryError> {
+        let rows = self.deadline(query.fetch_all::<ProjectRow>()).await?;
+        rows.into_iter().map(ProjectRow::into_record).collect()
     }
 
     async fn execute(&self, sql: &str) -> Result<(), RegistryError> {

@@ -106,4 +106,12 @@ pub struct SigningSettings {
 pub struct TenantSettings {
     /// Deadline for one message to a tenant actor, ClickHouse DDL included.
     pub call_timeout_seconds: u64,
+    /// Most projects an instance may have ready or provisioning at once.
+    pub max_projects: usize,
+    /// A tenant actor with no request for this long stops; the next request starts it again.
+    pub idle_timeout_seconds: u64,
+    /// How long a deprovisioned project's data is kept; onboarding again within it restores it.
+    pub deprovision_grace_seconds: u64,
+    /// How often the purge looks for deprovisioned projects past their grace period.
+    pub purge_interval_seconds: u64,
 }

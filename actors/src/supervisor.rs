@@ -1,6 +1,7 @@
-//! The supervision tree. The root supervises the key-set supervisor, the tenants supervisor and
-//! the query dispatcher; each restarts its failed children with backoff, and gives up (stopping
-//! itself, so the failure climbs the tree) when they fail too often in a short window.
+//! The supervision tree. The root supervises the key-set supervisor, the tenants supervisor, the
+//! query dispatcher and the housekeeper; each restarts its failed children with backoff, and
+//! gives up (stopping itself, so the failure climbs the tree) when they fail too often in a short
+//! window.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -10,11 +11,12 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tracing::{error, warn};
 
 use crate::auth::{IssuerActor, IssuerArgs, IssuerKeys};
+use crate::housekeeper::{HOUSEKEEPER, Housekeeper, HousekeeperArgs};
 use crate::query::{QUERY_DISPATCHER, QueryArgs, QueryDispatcher};
 use crate::registry::Registry;
-use crate::settings::{AuthSettings, CubeSettings};
+use crate::settings::{AuthSettings, CubeSettings, TenantSettings};
 use crate::signer::Signer;
-use crate::tenants::{TENANTS_SUPERVISOR, TenantsSupervisor};
+use crate::tenants::{TENANTS_SUPERVISOR, Tenants, TenantsArgs, TenantsSupervisor};
 
 const ROOT: &str = "root";
 const KEYS_SUPERVISOR: &str = "keys";
@@ -169,6 +171,7 @@ pub struct RootSupervisor;
 pub struct RootArgs {
     pub auth: AuthSettings,
     pub cube: CubeSettings,
+    pub tenants: TenantSettings,
     pub issuers: Vec<Arc<IssuerKeys>>,
     pub registry: Arc<Registry>,
     pub signer: Arc<Signer>,
@@ -199,7 +202,10 @@ impl RootState {
                 .await?;
             }
             TENANTS_SUPERVISOR => {
-                let args = self.args.registry.clone();
+                let args = TenantsArgs {
+                    registry: self.args.registry.clone(),
+                    settings: self.args.tenants.clone(),
+                };
                 Actor::spawn_linked(
                     Some(TENANTS_SUPERVISOR.into()),
                     TenantsSupervisor,
@@ -207,6 +213,17 @@ impl RootState {
                     supervisor,
                 )
                 .await?;
+            }
+            HOUSEKEEPER => {
+                let args = HousekeeperArgs {
+                    registry: self.args.registry.clone(),
+                    tenants: Tenants::new(Duration::from_secs(
+                        self.args.tenants.call_timeout_seconds,
+                    )),
+                    settings: self.args.tenants.clone(),
+                };
+                Actor::spawn_linked(Some(HOUSEKEEPER.into()), Housekeeper, args, supervisor)
+                    .await?;
             }
             QUERY_DISPATCHER => {
                 let args = QueryArgs {
@@ -241,7 +258,12 @@ impl Actor for RootSupervisor {
             budget: RestartBudget::new(args.policy),
             args,
         };
-        for child in [KEYS_SUPERVISOR, TENANTS_SUPERVISOR, QUERY_DISPATCHER] {
+        for child in [
+            KEYS_SUPERVISOR,
+            TENANTS_SUPERVISOR,
+            QUERY_DISPATCHER,
+            HOUSEKEEPER,
+        ] {
             state.spawn(&myself, child).await?;
         }
         Ok(state)

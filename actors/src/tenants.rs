@@ -5,11 +5,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tracing::warn;
 
-use crate::registry::ProjectRecord;
-use crate::registry::Registry;
+use crate::registry::{ProjectRecord, Registry};
+use crate::settings::TenantSettings;
 use crate::tenancy::{InstanceId, ProjectId};
 use crate::tenant::{Onboarded, TenantActor, TenantArgs, TenantError, TenantMsg};
 
@@ -25,8 +26,13 @@ pub enum TenantsMsg {
 
 pub struct TenantsSupervisor;
 
+pub struct TenantsArgs {
+    pub registry: Arc<Registry>,
+    pub settings: TenantSettings,
+}
+
 pub struct TenantsState {
-    registry: Arc<Registry>,
+    args: TenantsArgs,
     running: HashMap<InstanceId, ActorRef<TenantMsg>>,
 }
 
@@ -37,15 +43,15 @@ fn tenant_name(instance: &InstanceId) -> String {
 impl Actor for TenantsSupervisor {
     type Msg = TenantsMsg;
     type State = TenantsState;
-    type Arguments = Arc<Registry>;
+    type Arguments = TenantsArgs;
 
     async fn pre_start(
         &self,
         _myself: ActorRef<TenantsMsg>,
-        registry: Arc<Registry>,
+        args: TenantsArgs,
     ) -> Result<TenantsState, ActorProcessingErr> {
         Ok(TenantsState {
-            registry,
+            args,
             running: HashMap::new(),
         })
     }
@@ -103,18 +109,17 @@ impl TenantsState {
         }
         let args = TenantArgs {
             instance: instance.clone(),
-            registry: self.registry.clone(),
+            registry: self.args.registry.clone(),
+            settings: self.args.settings.clone(),
         };
-        let (actor, _) = Actor::spawn_linked(
-            Some(tenant_name(&instance)),
-            TenantActor,
-            args,
-            myself.get_cell(),
-        )
-        .await
-        .map_err(|err| {
-            TenantError::Upstream(format!("cannot load the instance's projects: {err}"))
-        })?;
+        let name = Some(tenant_name(&instance));
+        let (actor, _) = Actor::spawn_linked(name, TenantActor, args, myself.get_cell())
+            .await
+            .map_err(|err| {
+                metrics::counter!("monitor_gateway_upstream_errors_total", "upstream" => "clickhouse")
+                    .increment(1);
+                TenantError::Upstream(format!("cannot load the instance's projects: {err}"))
+            })?;
         self.running.insert(instance, actor.clone());
         metrics::gauge!("monitor_gateway_tenant_actors").set(self.running.len() as f64);
         Ok(actor)
@@ -137,19 +142,81 @@ impl Tenants {
         instance: &InstanceId,
         project: ProjectId,
     ) -> Result<Onboarded, TenantError> {
-        let tenant = self.tenant(instance).await?;
-        self.call(&tenant, |reply| TenantMsg::Onboard(project, reply))
+        self.ask(instance, |reply| TenantMsg::Onboard(project, reply))
             .await
     }
 
+    /// The project if it is ready: what queries and collection need.
     pub async fn ready_project(
         &self,
         instance: &InstanceId,
         project: ProjectId,
     ) -> Result<ProjectRecord, TenantError> {
-        let tenant = self.tenant(instance).await?;
-        self.call(&tenant, |reply| TenantMsg::Project(project, reply))
+        self.ask(instance, |reply| TenantMsg::ReadyProject(project, reply))
             .await
+    }
+
+    pub async fn project(
+        &self,
+        instance: &InstanceId,
+        project: ProjectId,
+    ) -> Result<ProjectRecord, TenantError> {
+        self.ask(instance, |reply| TenantMsg::Project(project, reply))
+            .await
+    }
+
+    pub async fn projects(&self, instance: &InstanceId) -> Result<Vec<ProjectRecord>, TenantError> {
+        self.ask(instance, TenantMsg::Projects).await
+    }
+
+    pub async fn deprovision(
+        &self,
+        instance: &InstanceId,
+        project: ProjectId,
+    ) -> Result<ProjectRecord, TenantError> {
+        self.ask(instance, |reply| TenantMsg::Deprovision(project, reply))
+            .await
+    }
+
+    pub async fn purge(
+        &self,
+        instance: &InstanceId,
+        project: ProjectId,
+        cutoff: u32,
+    ) -> Result<bool, TenantError> {
+        self.ask(instance, |reply| TenantMsg::Purge(project, cutoff, reply))
+            .await
+    }
+
+    pub async fn usage(
+        &self,
+        instance: &InstanceId,
+        project: ProjectId,
+        year: u16,
+        month: u8,
+    ) -> Result<u64, TenantError> {
+        self.ask(instance, |reply| {
+            TenantMsg::Usage(project, year, month, reply)
+        })
+        .await
+    }
+
+    /// Sends to the instance's actor. An actor that stopped (idle) between the lookup and the
+    /// message is started again and asked once more; every message is safe to repeat.
+    async fn ask<T: Send + 'static>(
+        &self,
+        instance: &InstanceId,
+        message: impl Fn(RpcReplyPort<Result<T, TenantError>>) -> TenantMsg,
+    ) -> Result<T, TenantError> {
+        let mut attempts = 2;
+        loop {
+            attempts -= 1;
+            let tenant = self.tenant(instance).await?;
+            match self.call(&tenant, &message).await {
+                Err(TenantError::Unavailable) if attempts > 0 => continue,
+                outcome => return outcome,
+            }
+        }
     }
 
     async fn tenant(&self, instance: &InstanceId) -> Result<ActorRef<TenantMsg>, TenantError> {
@@ -174,7 +241,6 @@ impl Tenants {
         M: ractor::Message,
         T: Send + 'static,
     {
-        use ractor::rpc::CallResult;
         match actor.call(message, Some(self.timeout)).await {
             Ok(CallResult::Success(result)) => result,
             Ok(CallResult::Timeout) => Err(TenantError::Timeout),

@@ -1,15 +1,17 @@
-//! The admin listener: liveness, readiness with reasons, and Prometheus metrics.
+//! The admin listener: liveness, readiness with reasons, Prometheus metrics, and the
+//! operator's reconcile and purge triggers.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use actors::auth::Authenticator;
+use actors::housekeeper::Housekeeping;
 use actors::registry::Registry;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
@@ -68,7 +70,11 @@ impl Readiness {
     }
 }
 
-pub fn routes(readiness: Readiness, prometheus: PrometheusHandle) -> Router {
+pub fn routes(
+    readiness: Readiness,
+    housekeeping: Housekeeping,
+    prometheus: PrometheusHandle,
+) -> Router {
     Router::new()
         .route(
             "/healthz",
@@ -79,6 +85,31 @@ pub fn routes(readiness: Readiness, prometheus: PrometheusHandle) -> Router {
             "/metrics",
             get(move || std::future::ready(prometheus.render())),
         )
+        .route(
+            "/reconcile",
+            post(reconcile).with_state(housekeeping.clone()),
+        )
+        .route("/purge", post(purge).with_state(housekeeping))
+}
+
+/// Finishes half-done onboardings and lists tenant databases the registry does not know.
+async fn reconcile(State(housekeeping): State<Housekeeping>) -> Response {
+    report(housekeeping.reconcile().await)
+}
+
+/// Drops the databases of projects deprovisioned longer ago than the grace period.
+async fn purge(State(housekeeping): State<Housekeeping>) -> Response {
+    report(housekeeping.purge().await)
+}
+
+fn report<T: serde::Serialize>(outcome: Result<T, String>) -> Response {
+    match outcome {
+        Ok(report) => Json(report).into_response(),
+        Err(message) => {
+            let body = json!({ "error": { "code": "upstream_unavailable", "message": message } });
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        }
+    }
 }
 
 async fn ready(State(readiness): State<Readiness>) -> Response {

@@ -64,7 +64,7 @@ pub fn default_status(code: ErrorCode) -> StatusCode {
         | UnsupportedAuthenticationType => StatusCode::UNAUTHORIZED,
         MissingScope => StatusCode::FORBIDDEN,
         KeysUnavailable | Overloaded | UpstreamUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-        InvalidProjectId | InvalidQuery => StatusCode::BAD_REQUEST,
+        InvalidProjectId | InvalidRequest | InvalidQuery => StatusCode::BAD_REQUEST,
         ProjectNotOnboarded | NotFound => StatusCode::NOT_FOUND,
         QuotaExceeded | RateLimited => StatusCode::TOO_MANY_REQUESTS,
         UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,

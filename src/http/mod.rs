@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actors::auth::{Authenticator, Credentials, Identity};
+use actors::housekeeper::Housekeeping;
 use actors::query::Queries;
 use actors::signer::Signer;
 use actors::tenants::Tenants;
@@ -54,11 +55,13 @@ pub fn public_router(state: AppState, request_timeout: Duration) -> Router {
     with_edge_layers(router, request_timeout)
 }
 
-pub fn admin_router(readiness: Readiness, prometheus: PrometheusHandle) -> Router {
-    with_edge_layers(
-        admin::routes(readiness, prometheus),
-        Duration::from_secs(10),
-    )
+pub fn admin_router(
+    readiness: Readiness,
+    housekeeping: Housekeeping,
+    prometheus: PrometheusHandle,
+    timeout: Duration,
+) -> Router {
+    with_edge_layers(admin::routes(readiness, housekeeping, prometheus), timeout)
 }
 
 /// Request ids (taken from X-Request-Id or generated), a span per request, and a deadline.

@@ -1,0 +1,222 @@
+//! The housekeeper: finishes onboardings that a crash left half-done, reports tenant databases
+//! the registry does not account for (never dropping them), and purges deprovisioned projects
+//! once their grace period is over. It works through the tenant actors, so it never races a
+//! request for the same project.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::registry::{ProjectStatus, Registry, RegistryError};
+use crate::settings::TenantSettings;
+use crate::tenants::Tenants;
+
+pub const HOUSEKEEPER: &str = "housekeeper";
+
+/// Pause before retrying a start-up reconciliation that could not reach ClickHouse.
+const RECONCILE_RETRY: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct ReconcileReport {
+    /// Tenant keys of onboardings found half-done and finished.
+    pub completed: Vec<String>,
+    /// Tenant keys of half-done onboardings that could not be finished now.
+    pub failed: Vec<String>,
+    /// Tenant databases on the server with no project in the registry; kept, for an operator.
+    pub unregistered_databases: Vec<String>,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct PurgeReport {
+    /// Tenant keys whose databases were dropped.
+    pub purged: Vec<String>,
+    pub failed: Vec<String>,
+}
+
+pub enum HousekeeperMsg {
+    Reconcile(Option<RpcReplyPort<Result<ReconcileReport, String>>>),
+    Purge(Option<RpcReplyPort<Result<PurgeReport, String>>>),
+}
+
+pub struct Housekeeper;
+
+pub struct HousekeeperArgs {
+    pub registry: Arc<Registry>,
+    pub tenants: Tenants,
+    pub settings: TenantSettings,
+}
+
+impl Actor for Housekeeper {
+    type Msg = HousekeeperMsg;
+    type State = HousekeeperArgs;
+    type Arguments = HousekeeperArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<HousekeeperMsg>,
+        args: HousekeeperArgs,
+    ) -> Result<HousekeeperArgs, ActorProcessingErr> {
+        myself.send_message(HousekeeperMsg::Reconcile(None))?;
+        let interval = Duration::from_secs(args.settings.purge_interval_seconds.max(1));
+        myself.send_interval(interval, || HousekeeperMsg::Purge(None));
+        Ok(args)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<HousekeeperMsg>,
+        message: HousekeeperMsg,
+        state: &mut HousekeeperArgs,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            HousekeeperMsg::Reconcile(reply) => {
+                let report = state.reconcile().await.map_err(|err| err.to_string());
+                match (reply, &report) {
+                    (Some(reply), _) => {
+                        let _ = reply.send(report);
+                    }
+                    (None, Err(err)) => {
+                        warn!(error = %err, "start-up reconciliation failed; retrying");
+                        myself.send_after(RECONCILE_RETRY, || HousekeeperMsg::Reconcile(None));
+                    }
+                    (None, Ok(_)) => {}
+                }
+            }
+            HousekeeperMsg::Purge(reply) => {
+                let report = state.purge().await.map_err(|err| err.to_string());
+                if let Err(err) = &report {
+                    warn!(error = %err, "purge failed; it runs again at the next interval");
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(report);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl HousekeeperArgs {
+    async fn reconcile(&self) -> Result<ReconcileReport, RegistryError> {
+        let mut report = ReconcileReport::default();
+        for project in self
+            .registry
+            .projects_in(ProjectStatus::Provisioning)
+            .await?
+        {
+            let key = project.tenant_key.to_string();
+            match self
+                .tenants
+                .onboard(&project.instance, project.project)
+                .await
+            {
+                Ok(_) => report.completed.push(key),
+                Err(err) => {
+                    warn!(tenant_key = %key, error = %err, "cannot finish a half-done onboarding");
+                    report.failed.push(key);
+                }
+            }
+        }
+
+        let registered: HashSet<String> = self
+            .registry
+            .registered_tenant_keys()
+            .await?
+            .into_iter()
+            .map(|key| format!("gitlab_project_{key}"))
+            .collect();
+        report.unregistered_databases = self
+            .registry
+            .tenant_databases()
+            .await?
+            .into_iter()
+            .filter(|database| !registered.contains(database))
+            .collect();
+
+        if !report.unregistered_databases.is_empty() {
+            warn!(databases = ?report.unregistered_databases,
+                "tenant databases without a registry entry; kept for an operator to review");
+        }
+        metrics::gauge!("monitor_gateway_unregistered_databases")
+            .set(report.unregistered_databases.len() as f64);
+        info!(
+            completed = report.completed.len(),
+            failed = report.failed.len(),
+            unregistered = report.unregistered_databases.len(),
+            "reconciliation done"
+        );
+        Ok(report)
+    }
+
+    async fn purge(&self) -> Result<PurgeReport, RegistryError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let cutoff =
+            u32::try_from(now.saturating_sub(self.settings.deprovision_grace_seconds)).unwrap_or(0);
+        let mut report = PurgeReport::default();
+        for project in self
+            .registry
+            .projects_in(ProjectStatus::Deprovisioned)
+            .await?
+        {
+            if project.deprovisioned_at > cutoff {
+                continue;
+            }
+            let key = project.tenant_key.to_string();
+            match self
+                .tenants
+                .purge(&project.instance, project.project, cutoff)
+                .await
+            {
+                Ok(true) => report.purged.push(key),
+                Ok(false) => {}
+                Err(err) => {
+                    warn!(tenant_key = %key, error = %err, "cannot purge a deprovisioned project");
+                    report.failed.push(key);
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// How the admin listener asks for a reconciliation or a purge now.
+#[derive(Clone)]
+pub struct Housekeeping {
+    timeout: Duration,
+}
+
+impl Housekeeping {
+    pub fn new(timeout: Duration) -> Self {
+        Self { timeout }
+    }
+
+    pub async fn reconcile(&self) -> Result<ReconcileReport, String> {
+        self.ask(|reply| HousekeeperMsg::Reconcile(Some(reply)))
+            .await
+    }
+
+    pub async fn purge(&self) -> Result<PurgeReport, String> {
+        self.ask(|reply| HousekeeperMsg::Purge(Some(reply))).await
+    }
+
+    async fn ask<T: Send + 'static>(
+        &self,
+        message: impl FnOnce(RpcReplyPort<Result<T, String>>) -> HousekeeperMsg,
+    ) -> Result<T, String> {
+        let actor: ActorRef<HousekeeperMsg> = ractor::registry::where_is(HOUSEKEEPER)
+            .ok_or("the housekeeper is not running")?
+            .into();
+        match actor.call(message, Some(self.timeout)).await {
+            Ok(CallResult::Success(result)) => result,
+            Ok(CallResult::Timeout) => Err("the housekeeper did not finish in time".to_owned()),
+            _ => Err("the housekeeper is unavailable".to_owned()),
+        }
+    }
+}

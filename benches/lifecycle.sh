@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Onboarding throughput and the memory cost of idle tenants, measured in one run.
+#
+# 1. Onboarding: N projects through the gateway (PUT, fixed concurrency) against the same DDL
+#    sent straight to ClickHouse's HTTP interface at the same concurrency (CREATE DATABASE and
+#    the events table, without the registry rows the gateway also writes). Rounds alternate;
+#    medians and their ratio are printed.
+# 2. Idle tenants: resident memory of a fresh gateway before and after TENANTS instances each
+#    made one call, both while their tenant actors are alive and after they stopped when idle.
+#
+#   benches/lifecycle.sh     # PROJECTS=200 CONCURRENCY=8 ROUNDS=3 TENANTS=10000
+#
+# Runs on the test profile's ClickHouse and Cube (started if needed, stopped again if it started
+# them) with its own gateway and issuer on 127.0.0.1:4718x. Every loop is bounded.
+
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+export PROJECTS=${PROJECTS:-200} CONCURRENCY=${CONCURRENCY:-8} ROUNDS=${ROUNDS:-3}
+export TENANTS=${TENANTS:-10000}
+readonly PORT=47180 ADMIN=47190 ISSUER_PORT=47181 IDLE_SECONDS=5
+export CLICKHOUSE=http://127.0.0.1:28123
+
+cargo build --release --locked --bin monitor-gateway >&2
+readonly BIN=$PWD/target/release/monitor-gateway
+
+stack_was_up=false
+scripts/stack.sh status test 2>/dev/null | grep -q 'clickhouse: running' && stack_was_up=true
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  $stack_was_up || scripts/stack.sh down test >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+$stack_was_up || scripts/stack.sh up test >&2
+
+"$BIN" dev issuer-init --dir "$work/issuer" 2>/dev/null
+"$BIN" dev issuer-serve --dir "$work/issuer" --listen "127.0.0.1:$ISSUER_PORT" \
+  --issuer "http://127.0.0.1:$ISSUER_PORT" 2>/dev/null &
+pids+=($!)
+
+cat >"$work/gateway.toml" <<TOML
+[server]
+listen = "127.0.0.1:$PORT"
+admin_listen = "127.0.0.1:$ADMIN"
+[log]
+level = "warn"
+[tenants]
+idle_timeout_seconds = $IDLE_SECONDS
+max_projects = 100000
+[[auth.issuers]]
+name = "local"
+issuer = "http://127.0.0.1:$ISSUER_PORT"
+jwks_url = "http://127.0.0.1:$ISSUER_PORT/oauth/discovery/keys"
+[clickhouse]
+url = "$CLICKHOUSE"
+[cube]
+url = "http://127.0.0.1:24000"
+[signing]
+key_file = "$work/signing.pem"
+create_if_missing = true
+TOML
+
+start_gateway() {
+  "$BIN" --config "$work/gateway.toml" serve >>"$work/gateway.log" 2>&1 &
+  GATEWAY_PID=$!
+  pids+=("$GATEWAY_PID")
+  for _ in $(seq 1 150); do
+    curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null && return 0
+    sleep 0.2
+  done
+  tail -n 20 "$work/gateway.log" >&2
+  echo "bench: the gateway did not become ready" >&2
+  exit 1
+}
+start_gateway
+
+export GATEWAY=http://127.0.0.1:$PORT
+INSTANCE=$(python3 -c 'import uuid; print(uuid.uuid4())')
+export INSTANCE
+TOKEN=$("$BIN" dev token --dir "$work/issuer" --instance-id "$INSTANCE" --issuer "http://127.0.0.1:$ISSUER_PORT")
+export TOKEN
+
+echo "bench: onboarding $PROJECTS projects x $ROUNDS rounds at concurrency $CONCURRENCY" >&2
+python3 benches/lifecycle_onboarding.py
+
+echo "bench: memory with $TENANTS idle tenants" >&2
+kill "$GATEWAY_PID"; wait "$GATEWAY_PID" 2>/dev/null || true
+start_gateway
+python3 -c 'import uuid; [print(uuid.uuid4()) for _ in range('"$TENANTS"')]' >"$work/instances"
+mapfile -t instances <"$work/instances"
+args=()
+for instance in "${instances[@]}"; do args+=(--instance-id "$instance"); done
+"$BIN" dev token --dir "$work/issuer" --issuer "http://127.0.0.1:$ISSUER_PORT" "${args[@]}" >"$work/tokens"
+export GATEWAY_PID IDLE_SECONDS INSTANCES_FILE=$work/instances TOKENS_FILE=$work/tokens
+python3 benches/lifecycle_memory.py

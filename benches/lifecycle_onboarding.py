@@ -1,0 +1,73 @@
+"""Onboarding through the gateway against the same DDL straight to ClickHouse (stdlib only)."""
+
+import http.client
+import os
+import statistics
+import threading
+import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+
+PROJECTS = int(os.environ["PROJECTS"])
+CONCURRENCY = int(os.environ["CONCURRENCY"])
+ROUNDS = int(os.environ["ROUNDS"])
+GATEWAY = urllib.parse.urlsplit(os.environ["GATEWAY"])
+CLICKHOUSE = urllib.parse.urlsplit(os.environ["CLICKHOUSE"])
+HEADERS = {"Authorization": "Bearer " + os.environ["TOKEN"], "X-Gitlab-Instance-Id": os.environ["INSTANCE"]}
+DDL = open("actors/sql/snowplow_events.sql").read()
+
+local = threading.local()
+
+
+def connection(url):
+    key = url.netloc
+    conns = getattr(local, "conns", None) or {}
+    local.conns = conns
+    if key not in conns:
+        conns[key] = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    return conns[key]
+
+
+def request(url, method, path, body=None, headers=None):
+    conn = connection(url)
+    conn.request(method, path, body=body, headers=headers or {})
+    response = conn.getresponse()
+    data = response.read()
+    return response.status, data
+
+
+def onboard(project):
+    status, body = request(GATEWAY, "PUT", f"/v1/product-analytics/projects/{project}", headers=HEADERS)
+    if status not in (200, 201):
+        raise SystemExit(f"gateway answered {status}: {body[:300]!r}")
+
+
+def direct(name):
+    for sql in (f"CREATE DATABASE IF NOT EXISTS {name}", DDL.replace("{database}", name)):
+        status, body = request(CLICKHOUSE, "POST", "/", body=sql.encode())
+        if status != 200:
+            raise SystemExit(f"ClickHouse answered {status}: {body[:300]!r}")
+
+
+def timed(work, items):
+    started = time.perf_counter()
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        list(pool.map(work, items))
+    return len(items) / (time.perf_counter() - started)
+
+
+gateway_rates, direct_rates = [], []
+run = os.getpid()
+for round_ in range(ROUNDS):
+    first = round_ * PROJECTS + 1
+    gateway_rates.append(timed(onboard, list(range(first, first + PROJECTS))))
+    names = [f"bench_direct_{run}_{round_}_{i}" for i in range(PROJECTS)]
+    direct_rates.append(timed(direct, names))
+    for name in names:
+        request(CLICKHOUSE, "POST", "/", body=f"DROP DATABASE IF EXISTS {name}".encode())
+
+g, d = statistics.median(gateway_rates), statistics.median(direct_rates)
+print(f"onboarding, {PROJECTS} projects per round, concurrency {CONCURRENCY}, {ROUNDS} rounds (medians)")
+print(f"  through the gateway : {g:8.1f} projects/s   rounds: {', '.join(f'{r:.1f}' for r in gateway_rates)}")
+print(f"  raw DDL, ClickHouse : {d:8.1f} projects/s   rounds: {', '.join(f'{r:.1f}' for r in direct_rates)}")
+print(f"  ratio gateway/raw   : {g / d:.3f}   (target >= 0.80)")

@@ -1,0 +1,544 @@
+//! The project lifecycle against the real ClickHouse: idempotence, concurrency, deprovisioning
+//! with a grace period, the purge, quotas, usage, idle tenants and crash recovery.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{
+    Gateway, GatewayOptions, Issuer, clickhouse, event, insert_events, new_instance, tenant_key,
+};
+use futures::future::join_all;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+fn project_path(project: u64) -> String {
+    format!("/v1/product-analytics/projects/{project}")
+}
+
+async fn send(
+    gateway: &Gateway,
+    method: Method,
+    path: impl AsRef<str>,
+    token: &str,
+    instance: &str,
+) -> (u16, Value) {
+    let response = gateway
+        .api(method, path.as_ref(), token, instance)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn database_exists(database: &str) -> bool {
+    clickhouse(&format!(
+        "SELECT count() FROM system.databases WHERE name = '{database}' FORMAT TSV"
+    ))
+    .await
+    .trim()
+        == "1"
+}
+
+async fn registry_status(key: &str) -> String {
+    clickhouse(&format!(
+        "SELECT status FROM monitor_gateway.projects FINAL WHERE tenant_key = '{key}' FORMAT TSV"
+    ))
+    .await
+    .trim()
+    .to_owned()
+}
+
+fn count(body: &Value) -> i64 {
+    let value = &body["data"][0]["TrackedEvents.count"];
+    value.as_str().map_or_else(
+        || value.as_i64().unwrap_or(-1),
+        |text| text.parse().unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_is_idempotent_stops_queries_and_keeps_the_data() {
+    let issuer = Issuer::start().await;
+    let gateway = Gateway::start(&[&issuer]).await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+    let (_, details) = gateway.onboard(&token, &instance, 11).await;
+    let database = details["database"].as_str().unwrap().to_owned();
+    insert_events(&database, &vec![event("page_view", "u", "/"); 4]).await;
+
+    let (status, first) = send(
+        &gateway,
+        Method::DELETE,
+        project_path(11),
+        &token,
+        &instance,
+    )
+    .await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["status"], "deprovisioned");
+    let (status, second) = send(
+        &gateway,
+        Method::DELETE,
+        project_path(11),
+        &token,
+        &instance,
+    )
+    .await;
+    assert_eq!((status, &second), (200, &first));
+
+    let (status, shown) = send(&gateway, Method::GET, project_path(11), &token, &instance).await;
+    assert_eq!(
+        (status, shown["status"].as_str()),
+        (200, Some("deprovisioned"))
+    );
+    let (status, body) = gateway
+        .load(
+            &token,
+            &instance,
+            11,
+            json!({ "measures": ["TrackedEvents.count"] }),
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "project_not_onboarded");
+    assert!(
+        database_exists(&database).await,
+        "the data must outlive the deprovisioning"
+    );
+
+    // Onboarding again within the grace period restores the project with its events.
+    let (status, restored) = gateway.onboard(&token, &instance, 11).await;
+    assert_eq!(status, 201, "{restored}");
+    assert_eq!(restored["database"], database);
+    let (status, body) = gateway
+        .load(
+            &token,
+            &instance,
+            11,
+            json!({ "measures": ["TrackedEvents.count"] }),
+        )
+        .await;
+    assert_eq!((status, count(&body)), (200, 4), "{body}");
+
+    let (status, body) = send(
+        &gateway,
+        Method::DELETE,
+        project_path(12),
+        &token,
+        &instance,
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("project_not_onboarded"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_concurrent_puts_create_one_database_and_agree() {
+    let issuer = Issuer::start().await;
+    let gateway = Gateway::start(&[&issuer]).await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+
+    let calls = (0..20).map(|_| gateway.onboard(&token, &instance, 500));
+    let answers = join_all(calls).await;
+    let created = answers.iter().filter(|(status, _)| *status == 201).count();
+    let existing = answers.iter().filter(|(status, _)| *status == 200).count();
+    assert_eq!((created, existing), (1, 19), "{answers:?}");
+    assert!(
+        answers.iter().all(|(_, body)| *body == answers[0].1),
+        "{answers:?}"
+    );
+
+    let key = tenant_key(&instance, 500);
+    let rows = clickhouse(&format!(
+        "SELECT count() FROM monitor_gateway.projects FINAL WHERE tenant_key = '{key}' FORMAT TSV"
+    ))
+    .await;
+    assert_eq!(rows.trim(), "1");
+    let databases = clickhouse(&format!(
+        "SELECT count() FROM system.databases WHERE name LIKE '%{key}%' FORMAT TSV"
+    ))
+    .await;
+    assert_eq!(databases.trim(), "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_put_and_delete_end_consistent() {
+    let issuer = Issuer::start().await;
+    let gateway = Gateway::start(&[&issuer]).await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+    let key = tenant_key(&instance, 600);
+
+    for _ in 0..5 {
+        let put = send(&gateway, Method::PUT, project_path(600), &token, &instance);
+        let delete = send(
+            &gateway,
+            Method::DELETE,
+            project_path(600),
+            &token,
+            &instance,
+        );
+        let ((put_status, _), (delete_status, _)) = tokio::join!(put, delete);
+        assert!(matches!(put_status, 200 | 201), "{put_status}");
+        assert!(matches!(delete_status, 200 | 404), "{delete_status}");
+
+        let (status, shown) =
+            send(&gateway, Method::GET, project_path(600), &token, &instance).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            shown["status"].as_str().unwrap(),
+            registry_status(&key).await
+        );
+        assert!(database_exists(&format!("gitlab_project_{key}")).await);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_purge_drops_the_database_after_the_grace_period() {
+    let issuer = Issuer::start().await;
+    let options = GatewayOptions::new(&[&issuer])
+        .env("TENANTS__DEPROVISION_GRACE_SECONDS", 1)
+        .env("TENANTS__PURGE_INTERVAL_SECONDS", 1);
+    let gateway = Gateway::start_with(options).await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+    let (_, details) = gateway.onboard(&token, &instance, 21).await;
+    let database = details["database"].as_str().unwrap().to_owned();
+    insert_events(&database, &[event("page_view", "u", "/")]).await;
+
+    send(
+        &gateway,
+        Method::DELETE,
+        project_path(21),
+        &token,
+        &instance,
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while database_exists(&database).await {
+        assert!(
+            Instant::now() < deadline,
+            "{database} still exists after the grace period"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        registry_status(details["tenant_key"].as_str().unwrap()).await,
+        "purged"
+    );
+    let (status, _) = send(&gateway, Method::GET, project_path(21), &token, &instance).await;
+    assert_eq!(status, 404);
+
+    // Onboarding again starts an empty project.
+    let (status, again) = gateway.onboard(&token, &instance, 21).await;
+    assert_eq!(status, 201, "{again}");
+    let (status, body) = gateway
+        .load(
+            &token,
+            &instance,
+            21,
+            json!({ "measures": ["TrackedEvents.count"] }),
+        )
+        .await;
+    assert_eq!((status, count(&body)), (200, 0), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_project_quota_is_enforced_per_instance() {
+    let issuer = Issuer::start().await;
+    let gateway =
+        Gateway::start_with(GatewayOptions::new(&[&issuer]).env("TENANTS__MAX_PROJECTS", 2)).await;
+    let (instance, other) = (new_instance(), new_instance());
+    let token = issuer.token(&instance);
+
+    assert_eq!(gateway.onboard(&token, &instance, 1).await.0, 201);
+    assert_eq!(gateway.onboard(&token, &instance, 2).await.0, 201);
+    let (status, body) = send(&gateway, Method::PUT, project_path(3), &token, &instance).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (429, Some("quota_exceeded")),
+        "{body}"
+    );
+    assert_eq!(
+        gateway.onboard(&token, &instance, 2).await.0,
+        200,
+        "existing projects stay reachable"
+    );
+    assert_eq!(
+        gateway.onboard(&issuer.token(&other), &other, 3).await.0,
+        201,
+        "quotas are per instance"
+    );
+
+    send(&gateway, Method::DELETE, project_path(1), &token, &instance).await;
+    assert_eq!(gateway.onboard(&token, &instance, 3).await.0, 201);
+
+    let (status, list) = send(
+        &gateway,
+        Method::GET,
+        "/v1/product-analytics/projects",
+        &token,
+        &instance,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let statuses: Vec<(u64, String)> = list["projects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["project_id"].as_u64().unwrap(),
+                p["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            (1, "deprovisioned".into()),
+            (2, "ready".into()),
+            (3, "ready".into())
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_counts_the_events_of_a_month_exactly() {
+    let issuer = Issuer::start().await;
+    let gateway = Gateway::start(&[&issuer]).await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+    let (_, details) = gateway.onboard(&token, &instance, 31).await;
+
+    let at = |stamp: &str| {
+        let mut e = event("page_view", "u", "/");
+        e["collector_tstamp"] = json!(stamp);
+        e
+    };
+    let mut events = vec![at("2026-11-01 00:00:00"); 5];
+    events.extend(vec![at("2026-10-31 23:59:59"); 3]);
+    events.push(at("2025-11-15 12:00:00"));
+    insert_events(details["database"].as_str().unwrap(), &events).await;
+
+    for (year, month, expected) in [(2026, 11, 5), (2026, 10, 3), (2025, 11, 1), (2026, 12, 0)] {
+        let path = format!("{}/usage?year={year}&month={month}", project_path(31));
+        let (status, body) = send(&gateway, Method::GET, &path, &token, &instance).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["events"], expected, "{year}-{month}: {body}");
+    }
+    for query in [
+        "",
+        "?year=2026",
+        "?year=2026&month=13",
+        "?year=abc&month=1",
+        "?year=1969&month=12",
+    ] {
+        let path = format!("{}/usage{query}", project_path(31));
+        let (status, body) = send(&gateway, Method::GET, &path, &token, &instance).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("invalid_request")),
+            "{query}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_instance_can_neither_see_nor_delete_another_instances_project() {
+    let issuer = Issuer::start().await;
+    let gateway = Gateway::start(&[&issuer]).await;
+    let (owner, intruder) = (new_instance(), new_instance());
+    let (owner_token, intruder_token) = (issuer.token(&owner), issuer.token(&intruder));
+    gateway.onboard(&owner_token, &owner, 41).await;
+
+    for method in [Method::GET, Method::DELETE] {
+        let (status, body) = send(
+            &gateway,
+            method.clone(),
+            project_path(41),
+            &intruder_token,
+            &intruder,
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (404, Some("project_not_onboarded")),
+            "{method}"
+        );
+    }
+    let path = format!("{}/usage?year=2026&month=11", project_path(41));
+    assert_eq!(
+        send(&gateway, Method::GET, &path, &intruder_token, &intruder)
+            .await
+            .0,
+        404
+    );
+    let (_, list) = send(
+        &gateway,
+        Method::GET,
+        "/v1/product-analytics/projects",
+        &intruder_token,
+        &intruder,
+    )
+    .await;
+    assert_eq!(list["projects"], json!([]));
+
+    let (status, shown) = send(
+        &gateway,
+        Method::GET,
+        project_path(41),
+        &owner_token,
+        &owner,
+    )
+    .await;
+    assert_eq!((status, shown["status"].as_str()), (200, Some("ready")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tenant_actors_stop_and_come_back_on_demand() {
+    let issuer = Issuer::start().await;
+    let gateway = Gateway::start_with(
+        GatewayOptions::new(&[&issuer]).env("TENANTS__IDLE_TIMEOUT_SECONDS", 1),
+    )
+    .await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+    let (_, first) = gateway.onboard(&token, &instance, 51).await;
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = gateway.metrics().await;
+        if metrics
+            .lines()
+            .any(|line| line == "monitor_gateway_tenant_actors 0")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tenant actors still running:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, shown) = send(&gateway, Method::GET, project_path(51), &token, &instance).await;
+    assert_eq!((status, &shown), (200, &first));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_mid_onboarding_leaves_nothing_the_next_attempt_cannot_finish() {
+    let issuer = Issuer::start().await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+    let projects: Vec<u64> = (100..130).collect();
+
+    let gateway = Gateway::start(&[&issuer]).await;
+    let pid = gateway.pid();
+    let calls = projects.iter().map(|project| {
+        try_send(
+            &gateway,
+            Method::PUT,
+            project_path(*project),
+            &token,
+            &instance,
+        )
+    });
+    let onboarding = join_all(calls);
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let killed = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+        assert!(killed.unwrap().success());
+    };
+    // Some calls complete, the rest die with the connection; both are fine here.
+    let _ = tokio::join!(onboarding_quietly(onboarding), killer);
+
+    drop(gateway);
+    let gateway = Gateway::start(&[&issuer]).await;
+    let response = gateway
+        .http
+        .post(format!("{}/reconcile", gateway.admin_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let ours: Vec<String> = projects.iter().map(|p| tenant_key(&instance, *p)).collect();
+    let report: Value = response.json().await.unwrap();
+    assert!(
+        report["failed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|k| !ours.contains(&k.as_str().unwrap().to_owned())),
+        "{report}"
+    );
+
+    for project in &projects {
+        let (status, body) = send(
+            &gateway,
+            Method::PUT,
+            project_path(*project),
+            &token,
+            &instance,
+        )
+        .await;
+        assert!(matches!(status, 200 | 201), "{project}: {status} {body}");
+        assert_eq!(body["status"], "ready");
+        assert!(database_exists(body["database"].as_str().unwrap()).await);
+    }
+    let report: Value = gateway
+        .http
+        .post(format!("{}/reconcile", gateway.admin_url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let leftovers = |field: &str| {
+        report[field]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|k| {
+                let k = k.as_str().unwrap();
+                ours.iter().any(|key| k.ends_with(key.as_str()))
+            })
+            .count()
+    };
+    assert_eq!(
+        (
+            leftovers("completed"),
+            leftovers("failed"),
+            leftovers("unregistered_databases")
+        ),
+        (0, 0, 0),
+        "{report}"
+    );
+}
+
+/// Like `send`, for calls that may die with the gateway.
+async fn try_send(
+    gateway: &Gateway,
+    method: Method,
+    path: impl AsRef<str>,
+    token: &str,
+    instance: &str,
+) -> Option<u16> {
+    let request = gateway.api(method, path.as_ref(), token, instance);
+    request
+        .send()
+        .await
+        .ok()
+        .map(|response| response.status().as_u16())
+}
+
+async fn onboarding_quietly<F: std::future::Future>(future: F) {
+    let _ = tokio::time::timeout(Duration::from_secs(30), future).await;
+}
