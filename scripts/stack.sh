@@ -364,6 +364,7 @@ start_cube() {
       CUBEJS_DB_PORT="$CH_HTTP_PORT" \
       CUBEJS_DB_USER=cube \
       CUBEJS_DB_PASS= \
+      CUBEJS_DB_CLICKHOUSE_READONLY=true \
       CUBEJS_DEV_MODE=false \
       CUBEJS_CACHE_AND_QUEUE_DRIVER=memory \
       CUBEJS_EXTERNAL_DEFAULT=false \

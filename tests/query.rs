@@ -189,3 +189,106 @@ async fn meta_lists_the_data_model_and_unknown_members_are_invalid_queries() {
     assert_eq!(status, 404, "{body}");
     assert_eq!(body["error"]["code"], "project_not_onboarded");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_zones_cannot_carry_sql_into_another_tenants_database() {
+    let issuer = Issuer::start().await;
+    let gateway = Gateway::start(&[&issuer]).await;
+    let (a, b) = (new_instance(), new_instance());
+    let token_a = issuer.token(&a);
+    let (_, details_a) = gateway.onboard(&token_a, &a, 1).await;
+    let (_, details_b) = gateway.onboard(&issuer.token(&b), &b, 1).await;
+    let mut secret = event("page_view", "u", "/");
+    secret["page_title"] = json!("SECRET_OF_TENANT_B");
+    insert_events(details_b["database"].as_str().unwrap(), &[secret]).await;
+    insert_events(
+        details_a["database"].as_str().unwrap(),
+        &[event("page_view", "u", "/")],
+    )
+    .await;
+
+    let injected = format!(
+        "UTC'), 'UTC'), 'UTC') `tracked_events__derived_tstamp_day`, toString((SELECT \
+         groupArray(page_title) FROM {}.snowplow_events)) `tracked_events__count` -- ",
+        details_b["database"].as_str().unwrap()
+    );
+    let query = |timezone: &str| {
+        json!({
+            "measures": ["TrackedEvents.count"],
+            "timeDimensions": [{ "dimension": "TrackedEvents.derivedTstamp", "granularity": "day" }],
+            "timezone": timezone,
+        })
+    };
+
+    let (status, body) = gateway.load(&token_a, &a, 1, query(&injected)).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_query")),
+        "{body}"
+    );
+    assert!(!body.to_string().contains("SECRET_OF_TENANT_B"));
+
+    let path = "/v1/product-analytics/projects/1/cubejs-api/v1/load";
+    let response = gateway
+        .api(Method::GET, path, &token_a, &a)
+        .query(&[("query", query(&injected).to_string())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(
+        !response
+            .text()
+            .await
+            .unwrap()
+            .contains("SECRET_OF_TENANT_B")
+    );
+
+    let (status, body) = gateway
+        .load(&token_a, &a, 1, query("America/New_York"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // Cube's own configuration refuses it too, should anything reach Cube unchecked.
+    let token = common::security_context_token(details_a["database"].as_str().unwrap()).await;
+    let direct = reqwest::Client::new()
+        .post(format!("{}/cubejs-api/v1/load", common::stack().cube_url))
+        .header("Authorization", token)
+        .json(&json!({ "query": query(&injected) }))
+        .send()
+        .await
+        .unwrap();
+    let status = direct.status();
+    let text = direct.text().await.unwrap();
+    assert!(!text.contains("SECRET_OF_TENANT_B"), "{status} {text}");
+    assert!(
+        status.is_client_error() || status.is_server_error(),
+        "{status} {text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cubes_clickhouse_user_can_read_but_not_write_or_reach_out() {
+    let as_cube = |sql: &'static str| async move {
+        reqwest::Client::new()
+            .post(&common::stack().clickhouse_url)
+            .header("X-ClickHouse-User", "cube")
+            .body(sql)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert!(as_cube("SELECT 1").await.is_success());
+    for sql in [
+        "SELECT * FROM url('http://127.0.0.1:28090/readyz', TSV, 'a String')",
+        "CREATE DATABASE cube_must_not_create",
+        "CREATE TABLE default.cube_must_not (a UInt8) ENGINE = Memory",
+        "SET readonly = 0",
+    ] {
+        assert!(
+            !as_cube(sql).await.is_success(),
+            "the cube user could run: {sql}"
+        );
+    }
+}

@@ -213,6 +213,72 @@ impl QueryState {
     }
 }
 
+/// Checks what a `load`, `sql` or `dry-run` request asks before it goes to Cube. Cube 0.33 pastes
+/// a query's `timezone` into SQL unescaped, so only plain zone names may pass; the Cube
+/// configuration checks the same again.
+pub fn check_request(
+    endpoint: CubeEndpoint,
+    post: bool,
+    body: &[u8],
+    query_string: Option<&str>,
+) -> Result<(), QueryError> {
+    if endpoint == CubeEndpoint::Meta {
+        return Ok(());
+    }
+    let invalid = |what: &str| QueryError::InvalidQuery(what.to_owned());
+    let query = if post {
+        let body: serde_json::Value =
+            serde_json::from_slice(body).map_err(|_| invalid("the request body is not JSON"))?;
+        body.get("query").cloned()
+    } else {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query_string.unwrap_or(""))
+            .map_err(|_| invalid("the query string is malformed"))?;
+        let text = pairs
+            .into_iter()
+            .find(|(name, _)| name == "query")
+            .map(|(_, value)| value);
+        text.map(serde_json::Value::String)
+    };
+    let Some(query) = query else {
+        return Err(invalid("a query is required"));
+    };
+    // Cube accepts the query as JSON or as a string holding JSON.
+    let query = match query {
+        serde_json::Value::String(text) => {
+            serde_json::from_str(&text).map_err(|_| invalid("the query is not valid JSON"))?
+        }
+        other => other,
+    };
+    check_timezones(&query)
+}
+
+fn check_timezones(query: &serde_json::Value) -> Result<(), QueryError> {
+    match query {
+        serde_json::Value::Array(queries) => queries.iter().try_for_each(check_timezones),
+        serde_json::Value::Object(fields) => match fields.get("timezone") {
+            None => Ok(()),
+            Some(serde_json::Value::String(zone)) if is_zone_name(zone) => Ok(()),
+            Some(_) => Err(QueryError::InvalidQuery(
+                "timezone must be an IANA time zone name such as \"UTC\" or \"Europe/Berlin\""
+                    .to_owned(),
+            )),
+        },
+        _ => Err(QueryError::InvalidQuery(
+            "the query must be a JSON object".to_owned(),
+        )),
+    }
+}
+
+/// `Area/Location` shapes: letters first, then letters, digits, `_`, `+`, `-` and `/`.
+fn is_zone_name(zone: &str) -> bool {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '+' | '-' | '/');
+    (1..=64).contains(&zone.len())
+        && zone.starts_with(|c: char| c.is_ascii_alphabetic())
+        && zone.chars().all(allowed)
+        && !zone.contains("//")
+        && !zone.ends_with('/')
+}
+
 /// Cube reports query mistakes and database errors alike as an `{"error": ...}` body.
 fn classify_error(status: u16, body: &[u8]) -> QueryError {
     let message = serde_json::from_slice::<CubeError>(body)
@@ -288,6 +354,50 @@ mod tests {
             classify_error(403, br#"{"error":"Invalid token"}"#),
             QueryError::Upstream(_)
         ));
+    }
+
+    #[test]
+    fn only_plain_time_zone_names_reach_cube() {
+        let post = |query: serde_json::Value| {
+            let body = serde_json::json!({ "query": query }).to_string();
+            check_request(CubeEndpoint::Load, true, body.as_bytes(), None)
+        };
+        for zone in [
+            "UTC",
+            "Europe/Berlin",
+            "America/Argentina/Buenos_Aires",
+            "Etc/GMT+5",
+        ] {
+            assert!(
+                post(serde_json::json!({ "timezone": zone })).is_ok(),
+                "{zone}"
+            );
+        }
+        for zone in [
+            "UTC'), evil",
+            "UTC' --",
+            "",
+            "/etc",
+            "a//b",
+            "Europe/",
+            "1UTC",
+            "Europe/Berlin\n",
+        ] {
+            assert!(
+                post(serde_json::json!({ "timezone": zone })).is_err(),
+                "{zone:?}"
+            );
+        }
+        assert!(post(serde_json::json!({ "timezone": 5 })).is_err());
+        assert!(post(serde_json::json!([{ "timezone": "UTC" }, { "timezone": "x'y" }])).is_err());
+        assert!(post(serde_json::json!("{\"timezone\": \"x'y\"}")).is_err());
+
+        let get = |query: &str| check_request(CubeEndpoint::Load, false, b"", Some(query));
+        assert!(get("query=%7B%22timezone%22%3A%22UTC%22%7D").is_ok());
+        assert!(get("query=%7B%22timezone%22%3A%22UTC%27%22%7D").is_err());
+        assert!(get("queryType=multi").is_err());
+        assert!(check_request(CubeEndpoint::Load, true, b"not json", None).is_err());
+        assert!(check_request(CubeEndpoint::Meta, false, b"", None).is_ok());
     }
 
     #[test]

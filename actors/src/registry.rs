@@ -345,6 +345,24 @@ impl Registry {
             .await
     }
 
+    /// Whether the tenant's events table exists (a read, not DDL).
+    pub async fn events_table_exists(&self, tenant_key: &TenantKey) -> Result<bool, RegistryError> {
+        let sql = format!("EXISTS TABLE {}.snowplow_events", tenant_key.database());
+        let exists = self
+            .deadline(self.server.query(&sql).fetch_one::<u8>())
+            .await?;
+        Ok(exists == 1)
+    }
+
+    /// Whether the registry table exists, for readiness.
+    pub async fn schema_exists(&self) -> Result<bool, RegistryError> {
+        let sql = format!("EXISTS TABLE {}.projects", self.database);
+        let exists = self
+            .deadline(self.server.query(&sql).fetch_one::<u8>())
+            .await?;
+        Ok(exists == 1)
+    }
+
     /// Drops the tenant's database and everything in it; safe to repeat.
     pub async fn drop_tenant_database(&self, tenant_key: &TenantKey) -> Result<(), RegistryError> {
         let database = tenant_key.database();

@@ -40,10 +40,12 @@ impl TenantError {
 }
 
 impl From<RegistryError> for TenantError {
+    /// The details stay in the logs; callers learn only that the store is unavailable.
     fn from(err: RegistryError) -> Self {
+        warn!(error = %err, "ClickHouse request failed");
         metrics::counter!("monitor_gateway_upstream_errors_total", "upstream" => "clickhouse")
             .increment(1);
-        Self::Upstream(err.to_string())
+        Self::Upstream("ClickHouse did not complete the request; retry later".to_owned())
     }
 }
 
@@ -93,16 +95,14 @@ impl Actor for TenantActor {
     type State = TenantState;
     type Arguments = TenantArgs;
 
+    /// Cheap, so the supervisor is never held up by ClickHouse; the projects load in
+    /// `post_start`, before any message is handled.
     async fn pre_start(
         &self,
         myself: ActorRef<TenantMsg>,
         args: TenantArgs,
     ) -> Result<TenantState, ActorProcessingErr> {
-        let records = args.registry.projects_of(&args.instance).await?;
-        let projects = records
-            .into_iter()
-            .map(|record| (record.project, record))
-            .collect();
+        let projects = BTreeMap::new();
         let idle = Duration::from_secs(args.settings.idle_timeout_seconds.max(1));
         myself.send_interval(idle.div_f64(2.0), || TenantMsg::IdleCheck);
         Ok(TenantState {
@@ -112,6 +112,19 @@ impl Actor for TenantActor {
             projects,
             last_active: Instant::now(),
         })
+    }
+
+    async fn post_start(
+        &self,
+        _myself: ActorRef<TenantMsg>,
+        state: &mut TenantState,
+    ) -> Result<(), ActorProcessingErr> {
+        let records = state.registry.projects_of(&state.instance).await?;
+        state.projects = records
+            .into_iter()
+            .map(|record| (record.project, record))
+            .collect();
+        Ok(())
     }
 
     async fn handle(

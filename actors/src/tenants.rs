@@ -116,9 +116,8 @@ impl TenantsState {
         let (actor, _) = Actor::spawn_linked(name, TenantActor, args, myself.get_cell())
             .await
             .map_err(|err| {
-                metrics::counter!("monitor_gateway_upstream_errors_total", "upstream" => "clickhouse")
-                    .increment(1);
-                TenantError::Upstream(format!("cannot load the instance's projects: {err}"))
+                warn!(%instance, error = %err, "cannot start a tenant actor");
+                TenantError::Unavailable
             })?;
         self.running.insert(instance, actor.clone());
         metrics::gauge!("monitor_gateway_tenant_actors").set(self.running.len() as f64);

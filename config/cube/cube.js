@@ -33,7 +33,39 @@ function tenantDatabase(context) {
   return database;
 }
 
+// Cube 0.33 pastes a query's time zone into its SQL unescaped, so anything but a real IANA zone
+// name could carry SQL into another tenant's database. Names are checked for shape first, then
+// against the zones Node knows.
+const TIMEZONE_SHAPE = /^[A-Za-z][A-Za-z0-9_+\-]*(\/[A-Za-z0-9_+\-]+)*$/;
+
+function checkTimezone(timezone) {
+  if (timezone === undefined) {
+    return;
+  }
+  let known = false;
+  if (typeof timezone === 'string' && timezone.length <= 64 && TIMEZONE_SHAPE.test(timezone)) {
+    try {
+      new Intl.DateTimeFormat('en-US', { timeZone: timezone });
+      known = true;
+    } catch (e) {
+      known = false;
+    }
+  }
+  if (!known) {
+    throw new Error('timezone must be an IANA time zone name such as "UTC" or "Europe/Berlin"');
+  }
+}
+
 module.exports = {
+  // Every query passes here after the security context is known and before SQL is built.
+  queryRewrite: (query, { securityContext }) => {
+    if (!isTenantDatabase(securityContext && securityContext.database)) {
+      throw new Error('security context has no valid "database" claim');
+    }
+    checkTimezone(query.timezone);
+    return query;
+  },
+
   // Token verification itself comes from CUBEJS_JWK_URL, CUBEJS_JWT_AUDIENCE, CUBEJS_JWT_ISSUER
   // and CUBEJS_JWT_ALGS; these only tune how the gateway's key set is cached. A token whose `kid`
   // is not in the cached set makes Cube fetch the set again, at most once per refetch window
@@ -65,7 +97,9 @@ module.exports = {
   // must be set even when empty, or this driver version sends the password "undefined". Passing
   // `queryOptions` replaces the driver's default (CUBEJS_DB_NAME or 'default') entirely; its
   // contents are sent as URL settings with every query, so `database` selects the schema.
+  // readOnly: the `cube` user has readonly = 1, so the driver must not send settings of its own.
   driverFactory: (context) => new ClickHouseDriver({
+    readOnly: true,
     queryOptions: { database: tenantDatabase(context) },
   }),
 

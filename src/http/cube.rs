@@ -2,7 +2,7 @@
 //! the database, and the request itself can choose neither.
 
 use actors::ErrorCode;
-use actors::query::{CubeEndpoint, CubeRequest};
+use actors::query::{CubeEndpoint, CubeRequest, check_request};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
@@ -33,21 +33,20 @@ async fn forward(
     let project = parse_project(&project_id)?;
     let endpoint = CubeEndpoint::parse(&endpoint).ok_or_else(ApiError::not_found)?;
     let post = method == Method::POST;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > state.max_body_bytes as u64) {
+        return Err(too_large(state.max_body_bytes));
+    }
     let body = if post {
         axum::body::to_bytes(body, state.max_body_bytes)
             .await
-            .map_err(|_| {
-                ApiError::new(
-                    ErrorCode::PayloadTooLarge,
-                    format!(
-                        "the request body is larger than {} bytes",
-                        state.max_body_bytes
-                    ),
-                )
-            })?
+            .map_err(|_| too_large(state.max_body_bytes))?
     } else {
         bytes::Bytes::new()
     };
+    check_request(endpoint, post, &body, query_string.as_deref())?;
 
     let record = state
         .tenants
@@ -71,4 +70,11 @@ async fn forward(
         .and_then(|value| HeaderValue::from_str(&value).ok())
         .unwrap_or(HeaderValue::from_static("application/json"));
     Ok((status, [(header::CONTENT_TYPE, content_type)], answer.body).into_response())
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        ErrorCode::PayloadTooLarge,
+        format!("the request body is larger than {limit} bytes"),
+    )
 }

@@ -349,3 +349,24 @@ pub async fn insert_events(database: &str, events: &[Value]) {
     ))
     .await;
 }
+
+/// A security-context token signed with the key Cube trusts, as the gateway would sign it.
+pub async fn security_context_token(database: &str) -> String {
+    let jwks: Value = reqwest::get("http://127.0.0.1:28080/.well-known/jwks.json")
+        .await
+        .expect("the test stack's gateway serves its JWKS")
+        .json()
+        .await
+        .unwrap();
+    let kid = jwks["keys"][0]["kid"].as_str().unwrap().to_owned();
+    let pem = std::fs::read(stack().signing_key).unwrap();
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some(kid);
+    let now = issuer::now();
+    let claims = json!({
+        "iss": "monitor-gateway", "aud": "cube", "iat": now, "exp": now + 60,
+        "sub": "test", "database": database,
+    });
+    jsonwebtoken::encode(&header, &claims, &key).unwrap()
+}
