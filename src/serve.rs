@@ -2,7 +2,6 @@
 //! cleanly on SIGTERM or Ctrl-C.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use actors::auth::{Authenticator, IssuerKeys, parse_algorithms};
@@ -23,6 +22,8 @@ use crate::telemetry;
 
 /// Pause between attempts to create the registry schema while ClickHouse is not reachable.
 const SCHEMA_RETRY: Duration = Duration::from_secs(2);
+/// How often the registry schema is checked (and recreated if ClickHouse lost it).
+const SCHEMA_CHECK: Duration = Duration::from_secs(30);
 
 pub fn run(settings: Settings) -> anyhow::Result<()> {
     telemetry::init_logs(&settings.log)?;
@@ -39,8 +40,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             .context("loading the gateway signing key")?,
     );
     let registry = Arc::new(Registry::new(&settings.clickhouse));
-    let schema_ready = Arc::new(AtomicBool::new(false));
-    tokio::spawn(create_schema(registry.clone(), schema_ready.clone()));
+    tokio::spawn(keep_schema(registry.clone()));
 
     let issuers = settings
         .auth
@@ -77,7 +77,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         public_url: settings.server.public_url.clone().into(),
         max_body_bytes: settings.server.max_body_bytes,
     };
-    let readiness = Readiness::new(auth, registry, schema_ready, &settings.cube.url);
+    let readiness = Readiness::new(auth, registry, &settings.cube.url);
     let request_timeout = Duration::from_secs(settings.server.request_timeout_seconds);
     let housekeeping = Housekeeping::new(request_timeout);
 
@@ -150,20 +150,20 @@ async fn serve_until(
     }
 }
 
-/// Creates the registry schema, retrying until ClickHouse answers; readiness waits for it.
-async fn create_schema(registry: Arc<Registry>, ready: Arc<AtomicBool>) {
+/// Creates the registry schema, retrying until ClickHouse answers, then checks it now and then
+/// so a server that came back empty gets it again. Readiness reports while it is missing.
+async fn keep_schema(registry: Arc<Registry>) {
+    let mut created = false;
     loop {
         match registry.ensure_schema().await {
-            Ok(()) => {
-                ready.store(true, Ordering::Relaxed);
+            Ok(()) if !created => {
+                created = true;
                 info!("registry schema ready");
-                return;
             }
-            Err(err) => {
-                warn!(error = %err, "cannot create the registry schema yet; retrying");
-                tokio::time::sleep(SCHEMA_RETRY).await;
-            }
+            Ok(()) => {}
+            Err(err) => warn!(error = %err, "cannot create the registry schema; retrying"),
         }
+        tokio::time::sleep(if created { SCHEMA_CHECK } else { SCHEMA_RETRY }).await;
     }
 }
 

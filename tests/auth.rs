@@ -275,3 +275,127 @@ fn base64_url(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_headers_sent_twice_or_not_ascii_are_refused() {
+    let issuer = Issuer::start().await;
+    let gateway = Gateway::start(&[&issuer]).await;
+    let (instance, other) = (new_instance(), new_instance());
+    let token = issuer.token(&instance);
+    let url = format!("{}{PATH}", gateway.url);
+    let code_of = |response: reqwest::Response| async move {
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap();
+        (
+            status,
+            body["error"]["code"].as_str().unwrap_or("none").to_owned(),
+        )
+    };
+
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.append("authorization", format!("Bearer {token}").parse().unwrap());
+    headers.append(
+        "authorization",
+        format!("Bearer {}", issuer.token(&other)).parse().unwrap(),
+    );
+    headers.append("x-gitlab-instance-id", instance.parse().unwrap());
+    let response = gateway
+        .http
+        .get(&url)
+        .headers(headers)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(code_of(response).await, (401, "malformed_token".into()));
+
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.append("x-gitlab-instance-id", instance.parse().unwrap());
+    headers.append("x-gitlab-instance-id", other.parse().unwrap());
+    let response = gateway
+        .http
+        .get(&url)
+        .bearer_auth(&token)
+        .headers(headers)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(code_of(response).await, (401, "instance_mismatch".into()));
+
+    let binary = reqwest::header::HeaderValue::from_bytes(b"self-\xffmanaged").unwrap();
+    let response = gateway
+        .api(Method::GET, PATH, &token, &instance)
+        .header("x-gitlab-realm", binary)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(code_of(response).await, (401, "realm_mismatch".into()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_are_kept_when_plain_and_replaced_otherwise() {
+    let issuer = Issuer::start().await;
+    let gateway = Gateway::start(&[&issuer]).await;
+    let url = format!("{}/.well-known/jwks.json", gateway.url);
+
+    let plain = gateway
+        .http
+        .get(&url)
+        .header("x-request-id", "abc-123_x.y")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(plain.headers()["x-request-id"], "abc-123_x.y");
+    for hostile in ["has space", "quote\"s", &"x".repeat(300)] {
+        let response = gateway
+            .http
+            .get(&url)
+            .header("x-request-id", hostile)
+            .send()
+            .await
+            .unwrap();
+        let echoed = response.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_ne!(echoed, hostile);
+        assert_eq!(echoed.len(), 36, "a generated UUID: {echoed}");
+    }
+
+    let response = gateway
+        .http
+        .patch(format!("{}{PATH}", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_declared_body_is_refused_before_it_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let issuer = Issuer::start().await;
+    let gateway = Gateway::start(&[&issuer]).await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+    gateway.onboard(&token, &instance, 1).await;
+
+    let address = gateway.url.trim_start_matches("http://").to_owned();
+    let mut socket = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let request = format!(
+        "POST /v1/product-analytics/projects/1/cubejs-api/v1/load HTTP/1.1\r\nHost: {address}\r\n\
+         Authorization: Bearer {token}\r\nX-Gitlab-Instance-Id: {instance}\r\n\
+         Content-Type: application/json\r\nContent-Length: 999999999\r\n\r\n{{}}"
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(10), socket.read(&mut answer))
+        .await
+        .expect("the gateway answers without waiting for the body")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..read]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("payload_too_large"), "{answer}");
+}

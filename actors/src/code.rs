@@ -28,6 +28,7 @@ pub enum ErrorCode {
     InvalidQuery,
     PayloadTooLarge,
     NotFound,
+    MethodNotAllowed,
     Internal,
 }
 
@@ -58,6 +59,7 @@ impl ErrorCode {
             Self::InvalidQuery => "invalid_query",
             Self::PayloadTooLarge => "payload_too_large",
             Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
             Self::Internal => "internal",
         }
     }

@@ -290,6 +290,22 @@ fn classify_error(status: u16, body: &[u8]) -> QueryError {
         warn!(status, %message, "Cube refused the gateway's security-context token");
         return QueryError::Upstream("Cube refused the gateway's credentials".to_owned());
     }
+    // Cube could not reach ClickHouse: an outage, not a mistake in the query.
+    const CONNECTION_ERRORS: [&str; 6] = [
+        "ECONNREFUSED",
+        "ECONNRESET",
+        "ETIMEDOUT",
+        "EHOSTUNREACH",
+        "socket hang up",
+        "getaddrinfo",
+    ];
+    if CONNECTION_ERRORS
+        .iter()
+        .any(|marker| message.contains(marker))
+    {
+        warn!(status, %message, "Cube cannot reach ClickHouse");
+        return QueryError::Upstream("Cube cannot reach the analytics store".to_owned());
+    }
     // ClickHouse: "Database gitlab_project_... doesn't exist" (code 81) or a missing table (60).
     if message.contains("doesn't exist") && message.contains("gitlab_project_") {
         return QueryError::ProjectMissing;
@@ -354,6 +370,10 @@ mod tests {
             classify_error(403, br#"{"error":"Invalid token"}"#),
             QueryError::Upstream(_)
         ));
+        let refused = br#"{"error":"Error: connect ECONNREFUSED 127.0.0.1:38123"}"#;
+        assert!(
+            matches!(classify_error(400, refused), QueryError::Upstream(m) if !m.contains("127.0.0.1"))
+        );
     }
 
     #[test]

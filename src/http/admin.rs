@@ -2,7 +2,6 @@
 //! operator's reconcile and purge triggers.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use actors::auth::Authenticator;
@@ -16,57 +15,59 @@ use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 
-/// What readiness looks at: issuers' keys, ClickHouse (with the registry schema) and Cube.
+/// Longest a readiness probe waits for ClickHouse or Cube, well inside the probe's own deadline.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What readiness looks at: issuers' keys, ClickHouse (with the registry table) and Cube.
 #[derive(Clone)]
 pub struct Readiness {
     pub auth: Arc<Authenticator>,
     pub registry: Arc<Registry>,
-    pub schema_ready: Arc<AtomicBool>,
     pub cube_url: Arc<str>,
     pub http: reqwest::Client,
 }
 
 impl Readiness {
-    pub fn new(
-        auth: Arc<Authenticator>,
-        registry: Arc<Registry>,
-        schema_ready: Arc<AtomicBool>,
-        cube_url: &str,
-    ) -> Self {
+    pub fn new(auth: Arc<Authenticator>, registry: Arc<Registry>, cube_url: &str) -> Self {
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
+            .timeout(CHECK_TIMEOUT)
             .build()
             .expect("a plain HTTP client always builds");
         Self {
             auth,
             registry,
-            schema_ready,
             cube_url: cube_url.trim_end_matches('/').into(),
             http,
         }
     }
 
     async fn problems(&self) -> Vec<String> {
-        let mut problems = Vec::new();
-        if !self.auth.has_keys() {
-            problems.push("no issuer has published usable signing keys yet".to_owned());
+        let (clickhouse, cube) = tokio::join!(self.clickhouse_problem(), self.cube_problem());
+        let keys = (!self.auth.has_keys())
+            .then(|| "no issuer has published usable signing keys yet".to_owned());
+        [keys, clickhouse, cube].into_iter().flatten().collect()
+    }
+
+    async fn clickhouse_problem(&self) -> Option<String> {
+        match tokio::time::timeout(CHECK_TIMEOUT, self.registry.schema_exists()).await {
+            Ok(Ok(true)) => None,
+            Ok(Ok(false)) => Some("ClickHouse: the registry table does not exist yet".to_owned()),
+            Ok(Err(err)) => Some(format!("ClickHouse: {err}")),
+            Err(_) => Some(format!("ClickHouse: no answer within {CHECK_TIMEOUT:?}")),
         }
-        if let Err(err) = self.registry.ping().await {
-            problems.push(format!("ClickHouse: {err}"));
-        } else if !self.schema_ready.load(Ordering::Relaxed) {
-            problems.push("ClickHouse: the registry schema is not created yet".to_owned());
-        }
-        let cube = self
+    }
+
+    async fn cube_problem(&self) -> Option<String> {
+        match self
             .http
             .get(format!("{}/readyz", self.cube_url))
             .send()
-            .await;
-        match cube {
-            Ok(response) if response.status().is_success() => {}
-            Ok(response) => problems.push(format!("Cube: /readyz answered {}", response.status())),
-            Err(err) => problems.push(format!("Cube: {}", err.without_url())),
+            .await
+        {
+            Ok(response) if response.status().is_success() => None,
+            Ok(response) => Some(format!("Cube: /readyz answered {}", response.status())),
+            Err(err) => Some(format!("Cube: {}", err.without_url())),
         }
-        problems
     }
 }
 

@@ -46,6 +46,13 @@ impl ApiError {
     pub fn not_found() -> Self {
         Self::new(ErrorCode::NotFound, "no such endpoint")
     }
+
+    pub fn method_not_allowed() -> Self {
+        Self::new(
+            ErrorCode::MethodNotAllowed,
+            "this endpoint does not accept that method",
+        )
+    }
 }
 
 pub fn default_status(code: ErrorCode) -> StatusCode {
@@ -66,6 +73,7 @@ pub fn default_status(code: ErrorCode) -> StatusCode {
         KeysUnavailable | Overloaded | UpstreamUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         InvalidProjectId | InvalidRequest | InvalidQuery => StatusCode::BAD_REQUEST,
         ProjectNotOnboarded | NotFound => StatusCode::NOT_FOUND,
+        MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         QuotaExceeded | RateLimited => StatusCode::TOO_MANY_REQUESTS,
         UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,

@@ -9,6 +9,7 @@ mod projects;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use actors::ErrorCode;
 use actors::auth::{Authenticator, Credentials, Identity};
 use actors::housekeeper::Housekeeping;
 use actors::query::Queries;
@@ -17,7 +18,7 @@ use actors::tenants::Tenants;
 use axum::Router;
 use axum::extract::{FromRequestParts, MatchedPath, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderName, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -25,7 +26,6 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::request_id::{
     MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 pub use admin::Readiness;
@@ -50,8 +50,8 @@ pub fn public_router(state: AppState, request_timeout: Duration) -> Router {
         .merge(projects::routes())
         .merge(cube::routes())
         .fallback(|| async { ApiError::not_found() })
-        .with_state(state)
-        .layer(middleware::from_fn(record_metrics));
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .with_state(state);
     with_edge_layers(router, request_timeout)
 }
 
@@ -61,17 +61,18 @@ pub fn admin_router(
     prometheus: PrometheusHandle,
     timeout: Duration,
 ) -> Router {
-    with_edge_layers(admin::routes(readiness, housekeeping, prometheus), timeout)
+    let router = admin::routes(readiness, housekeeping, prometheus)
+        .fallback(|| async { ApiError::not_found() })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() });
+    with_edge_layers(router, timeout)
 }
 
-/// Request ids (taken from X-Request-Id or generated), a span per request, and a deadline.
-/// Layers added last run first.
+/// Request ids (a valid X-Request-Id is kept, anything else replaced), a span per request,
+/// metrics, and a deadline answered with a JSON error. Layers added last run first.
 fn with_edge_layers(router: Router, timeout: Duration) -> Router {
     router
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::GATEWAY_TIMEOUT,
-            timeout,
-        ))
+        .layer(middleware::from_fn_with_state(timeout, deadline))
+        .layer(middleware::from_fn(record_metrics))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(
             TraceLayer::new_for_http()
@@ -79,6 +80,35 @@ fn with_edge_layers(router: Router, timeout: Duration) -> Router {
                 .on_failure(()),
         )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(middleware::map_request(drop_invalid_request_id))
+}
+
+/// Request ids travel to logs and to Cube, so only short plain tokens are taken from callers.
+async fn drop_invalid_request_id(mut request: Request) -> Request {
+    let valid = |value: &axum::http::HeaderValue| {
+        let bytes = value.as_bytes();
+        (1..=128).contains(&bytes.len())
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    };
+    let headers = request.headers_mut();
+    let values: Vec<_> = headers.get_all(REQUEST_ID).iter().collect();
+    if values.len() > 1 || values.first().is_some_and(|value| !valid(value)) {
+        headers.remove(REQUEST_ID);
+    }
+    request
+}
+
+async fn deadline(State(timeout): State<Duration>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            ErrorCode::UpstreamTimeout,
+            format!("the request did not complete within {}s", timeout.as_secs()),
+        )
+        .into_response(),
+    }
 }
 
 fn request_span(request: &Request) -> tracing::Span {
@@ -144,27 +174,48 @@ impl FromRequestParts<AppState> for Authenticated {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let header = |name: &str| {
-            parts
-                .headers
-                .get(name)
-                .and_then(|value| value.to_str().ok())
-        };
+        let headers = &parts.headers;
         let credentials = Credentials {
-            authorization: header("authorization"),
-            instance_id: header("x-gitlab-instance-id"),
-            realm: header("x-gitlab-realm"),
-            authentication_type: header("x-gitlab-authentication-type"),
+            authorization: credential(headers, "authorization", ErrorCode::MalformedToken)?,
+            instance_id: credential(headers, "x-gitlab-instance-id", ErrorCode::InstanceMismatch)?,
+            realm: credential(headers, "x-gitlab-realm", ErrorCode::RealmMismatch)?,
+            authentication_type: credential(
+                headers,
+                "x-gitlab-authentication-type",
+                ErrorCode::UnsupportedAuthenticationType,
+            )?,
         };
-        if parts.headers.get(header::AUTHORIZATION).is_some() && credentials.authorization.is_none()
-        {
-            return Err(ApiError::new(
-                actors::ErrorCode::MalformedToken,
-                "the Authorization header is not ASCII",
-            ));
-        }
-        let identity = state.auth.authenticate(&credentials).await?;
+        let identity = state
+            .auth
+            .authenticate(&credentials)
+            .await
+            .inspect_err(|err| {
+                tracing::info!(code = err.code.as_str(), "authentication refused");
+            })?;
         tracing::Span::current().record("instance", identity.instance.as_str());
         Ok(Self(identity))
     }
+}
+
+/// One credential header: absent, or present once as visible ASCII. A header sent twice or with
+/// other bytes is refused rather than read as absent or as its first value.
+fn credential<'a>(
+    headers: &'a HeaderMap,
+    name: &'static str,
+    code: ErrorCode,
+) -> Result<Option<&'a str>, ApiError> {
+    let mut values = headers.get_all(name).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::new(
+            code,
+            format!("the {name} header is sent more than once"),
+        ));
+    }
+    let text = value
+        .to_str()
+        .map_err(|_| ApiError::new(code, format!("the {name} header is not plain ASCII")))?;
+    Ok(Some(text))
 }
