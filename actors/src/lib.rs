@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod code;
 pub mod housekeeper;
+pub mod lifecycle;
 pub mod query;
 pub mod registry;
 pub mod settings;

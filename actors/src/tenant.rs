@@ -1,15 +1,18 @@
 //! The tenant actor: one per GitLab instance, owning that instance's projects. It loads them
-//! from the registry when it starts, handles one message at a time (so concurrent requests for
-//! a project run its DDL once), and stops itself when the instance has been idle for a while.
+//! from the registry after it starts and answers lookups from memory. Changes to one project
+//! (onboarding, deprovisioning, purging) run one after another, so concurrent requests for a
+//! project run its DDL once, while different projects proceed side by side. It stops itself
+//! when the instance has been idle for a while.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tracing::{info, instrument, warn};
+use tracing::{Instrument, info_span, warn};
 
 use crate::code::ErrorCode;
+use crate::lifecycle;
 use crate::registry::{ProjectRecord, ProjectStatus, Registry, RegistryError};
 use crate::settings::TenantSettings;
 use crate::tenancy::{InstanceId, ProjectId};
@@ -59,19 +62,28 @@ pub struct Onboarded {
 
 pub enum TenantMsg {
     Onboard(ProjectId, RpcReplyPort<Result<Onboarded, TenantError>>),
+    Deprovision(ProjectId, RpcReplyPort<Result<ProjectRecord, TenantError>>),
+    /// Drops the project's database if it was deprovisioned before the cutoff (Unix seconds).
+    Purge(ProjectId, u32, RpcReplyPort<Result<bool, TenantError>>),
     /// The project when it is ready to serve queries and collection.
     ReadyProject(ProjectId, RpcReplyPort<Result<ProjectRecord, TenantError>>),
     /// The project in any status but purged.
     Project(ProjectId, RpcReplyPort<Result<ProjectRecord, TenantError>>),
     /// Every project not purged.
     Projects(RpcReplyPort<Result<Vec<ProjectRecord>, TenantError>>),
-    Deprovision(ProjectId, RpcReplyPort<Result<ProjectRecord, TenantError>>),
-    /// Drops the project's database if it was deprovisioned before the cutoff (Unix seconds).
-    Purge(ProjectId, u32, RpcReplyPort<Result<bool, TenantError>>),
     /// Events stored in a month.
     Usage(ProjectId, u16, u8, RpcReplyPort<Result<u64, TenantError>>),
+    /// A change to a project finished; the record to remember, if it changed.
+    ChangeDone(ProjectId, Option<ProjectRecord>),
     /// Timer: stop when nothing happened for the idle timeout.
     IdleCheck,
+}
+
+/// A change to one project, waiting for the ones before it.
+enum Change {
+    Onboard(RpcReplyPort<Result<Onboarded, TenantError>>),
+    Deprovision(RpcReplyPort<Result<ProjectRecord, TenantError>>),
+    Purge(u32, RpcReplyPort<Result<bool, TenantError>>),
 }
 
 pub struct TenantActor;
@@ -87,6 +99,12 @@ pub struct TenantState {
     registry: Arc<Registry>,
     settings: TenantSettings,
     projects: BTreeMap<ProjectId, ProjectRecord>,
+    /// Projects with a change running.
+    running: HashSet<ProjectId>,
+    /// Changes waiting for the running one of their project.
+    waiting: HashMap<ProjectId, VecDeque<Change>>,
+    /// New projects being onboarded, counted against the quota before they are recorded.
+    reserved: HashSet<ProjectId>,
     last_active: Instant,
 }
 
@@ -102,14 +120,16 @@ impl Actor for TenantActor {
         myself: ActorRef<TenantMsg>,
         args: TenantArgs,
     ) -> Result<TenantState, ActorProcessingErr> {
-        let projects = BTreeMap::new();
         let idle = Duration::from_secs(args.settings.idle_timeout_seconds.max(1));
         myself.send_interval(idle.div_f64(2.0), || TenantMsg::IdleCheck);
         Ok(TenantState {
             instance: args.instance,
             registry: args.registry,
             settings: args.settings,
-            projects,
+            projects: BTreeMap::new(),
+            running: HashSet::new(),
+            waiting: HashMap::new(),
+            reserved: HashSet::new(),
             last_active: Instant::now(),
         })
     }
@@ -138,8 +158,15 @@ impl Actor for TenantActor {
         }
         match message {
             TenantMsg::Onboard(project, reply) => {
-                let _ = reply.send(state.onboard(project).await);
+                state.enqueue(&myself, project, Change::Onboard(reply))
             }
+            TenantMsg::Deprovision(project, reply) => {
+                state.enqueue(&myself, project, Change::Deprovision(reply));
+            }
+            TenantMsg::Purge(project, cutoff, reply) => {
+                state.enqueue(&myself, project, Change::Purge(cutoff, reply));
+            }
+            TenantMsg::ChangeDone(project, record) => state.finish(&myself, project, record),
             TenantMsg::ReadyProject(project, reply) => {
                 let _ = reply.send(state.ready_project(project));
             }
@@ -150,18 +177,12 @@ impl Actor for TenantActor {
                 let live = state.projects.values().filter(|record| is_live(record));
                 let _ = reply.send(Ok(live.cloned().collect()));
             }
-            TenantMsg::Deprovision(project, reply) => {
-                let _ = reply.send(state.deprovision(project).await);
-            }
-            TenantMsg::Purge(project, cutoff, reply) => {
-                let _ = reply.send(state.purge(project, cutoff).await);
-            }
             TenantMsg::Usage(project, year, month, reply) => {
-                let _ = reply.send(state.usage(project, year, month).await);
+                state.usage(project, year, month, reply)
             }
             TenantMsg::IdleCheck => {
                 let idle = Duration::from_secs(state.settings.idle_timeout_seconds);
-                if state.last_active.elapsed() >= idle {
+                if state.running.is_empty() && state.last_active.elapsed() >= idle {
                     myself.stop(Some("idle".to_owned()));
                 }
             }
@@ -175,117 +196,131 @@ fn is_live(record: &ProjectRecord) -> bool {
 }
 
 impl TenantState {
-    /// Moves the project through `provisioning` to `ready`, resuming wherever a previous attempt
-    /// stopped; every step is safe to repeat. A deprovisioned project comes back with its data.
-    #[instrument(skip_all, fields(instance = %self.instance, project = %project))]
-    async fn onboard(&mut self, project: ProjectId) -> Result<Onboarded, TenantError> {
-        let current = self.projects.get(&project).cloned();
-        if let Some(record) = current
-            .as_ref()
-            .filter(|r| r.status == ProjectStatus::Ready)
-        {
-            return Ok(Onboarded {
-                project: record.clone(),
-                created: false,
-            });
+    fn enqueue(&mut self, myself: &ActorRef<TenantMsg>, project: ProjectId, change: Change) {
+        if self.running.contains(&project) {
+            self.waiting.entry(project).or_default().push_back(change);
+        } else {
+            self.start(myself, project, change);
         }
-        if current
-            .as_ref()
-            .is_none_or(|r| r.status != ProjectStatus::Provisioning)
-        {
-            self.check_quota()?;
-        }
-
-        let provisioning = match current {
-            Some(record) if record.status == ProjectStatus::Provisioning => record,
-            Some(record) if record.status == ProjectStatus::Deprovisioned => {
-                record.with_status(ProjectStatus::Provisioning)
-            }
-            Some(purged) => purged.reborn(),
-            None => ProjectRecord::new(self.instance.clone(), project),
-        };
-        self.save(provisioning.clone()).await?;
-
-        if let Err(err) = self
-            .registry
-            .create_tenant_database(&provisioning.tenant_key)
-            .await
-        {
-            warn!(error = %err, "tenant database creation failed; the project stays provisioning");
-            return Err(err.into());
-        }
-        let ready = provisioning.with_status(ProjectStatus::Ready);
-        self.save(ready.clone()).await?;
-
-        info!(tenant_key = %ready.tenant_key, "project onboarded");
-        metrics::counter!("monitor_gateway_projects_onboarded_total").increment(1);
-        Ok(Onboarded {
-            project: ready,
-            created: true,
-        })
     }
 
-    /// Projects that count against the quota: those ready or on their way there.
-    fn check_quota(&self) -> Result<(), TenantError> {
-        let active = self
-            .projects
-            .values()
-            .filter(|r| matches!(r.status, ProjectStatus::Ready | ProjectStatus::Provisioning))
-            .count();
+    /// Remembers what the finished change recorded and starts the next one for the project.
+    fn finish(
+        &mut self,
+        myself: &ActorRef<TenantMsg>,
+        project: ProjectId,
+        record: Option<ProjectRecord>,
+    ) {
+        self.running.remove(&project);
+        self.reserved.remove(&project);
+        if let Some(record) = record {
+            self.projects.insert(project, record);
+        }
+        if let Some(next) = self.next_waiting(project) {
+            self.start(myself, project, next);
+        }
+    }
+
+    fn next_waiting(&mut self, project: ProjectId) -> Option<Change> {
+        let queue = self.waiting.get_mut(&project)?;
+        let next = queue.pop_front();
+        if queue.is_empty() {
+            self.waiting.remove(&project);
+        }
+        next
+    }
+
+    /// Runs a change on its own task, which reports back with `ChangeDone` before it replies,
+    /// so the caller's next message already sees the new record.
+    fn start(&mut self, myself: &ActorRef<TenantMsg>, project: ProjectId, change: Change) {
+        let mut change = Some(change);
+        while let Some(next) = change.take() {
+            match next {
+                Change::Onboard(reply) => match self.admit_onboarding(project) {
+                    Ok(()) => return self.spawn_change(myself, project, Change::Onboard(reply)),
+                    // Refused at once; the next waiting change may still go ahead.
+                    Err(err) => {
+                        let _ = reply.send(Err(err));
+                        change = self.next_waiting(project);
+                    }
+                },
+                other => return self.spawn_change(myself, project, other),
+            }
+        }
+    }
+
+    /// The quota, checked when an onboarding would add a project that is not already counted.
+    fn admit_onboarding(&mut self, project: ProjectId) -> Result<(), TenantError> {
+        let counted = |r: &ProjectRecord| {
+            matches!(r.status, ProjectStatus::Ready | ProjectStatus::Provisioning)
+        };
+        if self.projects.get(&project).is_some_and(counted) {
+            return Ok(());
+        }
+        let active = self.projects.values().filter(|r| counted(r)).count() + self.reserved.len();
         if active >= self.settings.max_projects {
             metrics::counter!("monitor_gateway_quota_refusals_total").increment(1);
             return Err(TenantError::QuotaExceeded(self.settings.max_projects));
         }
+        self.reserved.insert(project);
         Ok(())
     }
 
-    /// Stops queries and collection at once; the data stays until the purge. Repeating it
-    /// answers the same record.
-    #[instrument(skip_all, fields(instance = %self.instance, project = %project))]
-    async fn deprovision(&mut self, project: ProjectId) -> Result<ProjectRecord, TenantError> {
-        let record = self.known_project(project)?.clone();
-        if record.status == ProjectStatus::Deprovisioned {
-            return Ok(record);
-        }
-        let deprovisioned = record.with_status(ProjectStatus::Deprovisioned);
-        self.save(deprovisioned.clone()).await?;
-        info!(tenant_key = %deprovisioned.tenant_key, "project deprovisioned");
-        metrics::counter!("monitor_gateway_projects_deprovisioned_total").increment(1);
-        Ok(deprovisioned)
+    fn spawn_change(&mut self, myself: &ActorRef<TenantMsg>, project: ProjectId, change: Change) {
+        self.running.insert(project);
+        let registry = self.registry.clone();
+        let instance = self.instance.clone();
+        let current = self.projects.get(&project).cloned();
+        let myself = myself.clone();
+        let span = info_span!("project_change", instance = %instance, project = %project);
+        tokio::spawn(
+            async move {
+                match change {
+                    Change::Onboard(reply) => {
+                        let (outcome, record) =
+                            lifecycle::onboard(&registry, &instance, project, current).await;
+                        let _ = myself.send_message(TenantMsg::ChangeDone(project, record));
+                        let _ = reply.send(outcome);
+                    }
+                    Change::Deprovision(reply) => {
+                        let (outcome, record) =
+                            lifecycle::deprovision(&registry, project, current).await;
+                        let _ = myself.send_message(TenantMsg::ChangeDone(project, record));
+                        let _ = reply.send(outcome);
+                    }
+                    Change::Purge(cutoff, reply) => {
+                        let (outcome, record) = lifecycle::purge(&registry, current, cutoff).await;
+                        let _ = myself.send_message(TenantMsg::ChangeDone(project, record));
+                        let _ = reply.send(outcome);
+                    }
+                }
+            }
+            .instrument(span),
+        );
     }
 
-    /// Drops the database of a project deprovisioned before `cutoff`; false when not due.
-    #[instrument(skip_all, fields(instance = %self.instance, project = %project))]
-    async fn purge(&mut self, project: ProjectId, cutoff: u32) -> Result<bool, TenantError> {
-        let Some(record) = self.projects.get(&project).cloned() else {
-            return Ok(false);
+    /// Reads the event count on its own task: it changes nothing, so it waits for nothing.
+    fn usage(
+        &self,
+        project: ProjectId,
+        year: u16,
+        month: u8,
+        reply: RpcReplyPort<Result<u64, TenantError>>,
+    ) {
+        let record = match self.known_project(project) {
+            Ok(record) => record.clone(),
+            Err(err) => {
+                let _ = reply.send(Err(err));
+                return;
+            }
         };
-        if record.status != ProjectStatus::Deprovisioned || record.deprovisioned_at > cutoff {
-            return Ok(false);
-        }
-        self.registry
-            .drop_tenant_database(&record.tenant_key)
-            .await?;
-        let purged = record.with_status(ProjectStatus::Purged);
-        self.save(purged).await?;
-        info!(tenant_key = %record.tenant_key, "project purged after its grace period");
-        metrics::counter!("monitor_gateway_projects_purged_total").increment(1);
-        Ok(true)
-    }
-
-    async fn usage(&self, project: ProjectId, year: u16, month: u8) -> Result<u64, TenantError> {
-        let record = self.known_project(project)?;
-        Ok(self
-            .registry
-            .events_in_month(&record.tenant_key, year, month)
-            .await?)
-    }
-
-    /// Records a new version in the registry first, then in the cache.
-    async fn save(&mut self, record: ProjectRecord) -> Result<(), TenantError> {
-        self.registry.record(&record).await?;
-        self.projects.insert(record.project, record);
-        Ok(())
+        let registry = self.registry.clone();
+        tokio::spawn(async move {
+            let events = registry
+                .events_in_month(&record.tenant_key, year, month)
+                .await;
+            let _ = reply.send(events.map_err(TenantError::from));
+        });
     }
 
     fn known_project(&self, project: ProjectId) -> Result<&ProjectRecord, TenantError> {
