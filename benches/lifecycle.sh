@@ -95,5 +95,5 @@ mapfile -t instances <"$work/instances"
 args=()
 for instance in "${instances[@]}"; do args+=(--instance-id "$instance"); done
 "$BIN" dev token --dir "$work/issuer" --issuer "http://127.0.0.1:$ISSUER_PORT" "${args[@]}" >"$work/tokens"
-export GATEWAY_PID IDLE_SECONDS INSTANCES_FILE=$work/instances TOKENS_FILE=$work/tokens
+export ADMIN_PORT=$ADMIN GATEWAY_PID IDLE_SECONDS INSTANCES_FILE=$work/instances TOKENS_FILE=$work/tokens
 python3 benches/lifecycle_memory.py

@@ -50,8 +50,14 @@ alive = rss_bytes()
 time.sleep(IDLE * 2 + 2)
 idle = rss_bytes()
 
+metrics = http.client.HTTPConnection(GATEWAY.hostname, int(os.environ["ADMIN_PORT"]), timeout=10)
+metrics.request("GET", "/metrics")
+actors = [line for line in metrics.getresponse().read().decode().splitlines()
+          if line.startswith("monitor_gateway_tenant_actors ")]
+
 n = len(instances) - 1
 print(f"idle tenants: {n} instances, one call each ({n / elapsed:.0f} calls/s)")
 print(f"  RSS before                  : {base / 2**20:8.1f} MiB")
 print(f"  RSS with their actors alive : {alive / 2**20:8.1f} MiB   {(alive - base) / n:8.0f} bytes per instance")
 print(f"  RSS after they idled out    : {idle / 2**20:8.1f} MiB   {(idle - base) / n:8.0f} bytes per instance (target < 2048)")
+print(f"  tenant actors running then  : {actors[0].split()[-1] if actors else 'unknown'}")

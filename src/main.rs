@@ -15,6 +15,11 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Settings;
 
+/// mimalloc hands freed pages back to the system, so memory that idle tenants released shows
+/// up as released; the system allocator keeps most of it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "monitor-gateway", version, about)]
 struct Cli {

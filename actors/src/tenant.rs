@@ -75,7 +75,7 @@ pub enum TenantMsg {
     Usage(ProjectId, u16, u8, RpcReplyPort<Result<u64, TenantError>>),
     /// A change to a project finished; the record to remember, if it changed.
     ChangeDone(ProjectId, Option<ProjectRecord>),
-    /// Timer: stop when nothing happened for the idle timeout.
+    /// Sent by the supervisor's sweep: stop when nothing happened for the idle timeout.
     IdleCheck,
 }
 
@@ -117,11 +117,9 @@ impl Actor for TenantActor {
     /// `post_start`, before any message is handled.
     async fn pre_start(
         &self,
-        myself: ActorRef<TenantMsg>,
+        _myself: ActorRef<TenantMsg>,
         args: TenantArgs,
     ) -> Result<TenantState, ActorProcessingErr> {
-        let idle = Duration::from_secs(args.settings.idle_timeout_seconds.max(1));
-        myself.send_interval(idle.div_f64(2.0), || TenantMsg::IdleCheck);
         Ok(TenantState {
             instance: args.instance,
             registry: args.registry,
@@ -139,7 +137,9 @@ impl Actor for TenantActor {
         _myself: ActorRef<TenantMsg>,
         state: &mut TenantState,
     ) -> Result<(), ActorProcessingErr> {
-        let records = state.registry.projects_of(&state.instance).await?;
+        // Boxed: the actor's task lives as long as the actor, and an inline ClickHouse future
+        // would make every idle tenant carry its size.
+        let records = Box::pin(state.registry.projects_of(&state.instance)).await?;
         state.projects = records
             .into_iter()
             .map(|record| (record.project, record))

@@ -22,6 +22,9 @@ pub enum TenantsMsg {
         InstanceId,
         RpcReplyPort<Result<ActorRef<TenantMsg>, TenantError>>,
     ),
+    /// Timer: ask every running tenant whether it has been idle long enough to stop. One timer
+    /// here costs less than one per tenant.
+    IdleSweep,
 }
 
 pub struct TenantsSupervisor;
@@ -47,9 +50,11 @@ impl Actor for TenantsSupervisor {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<TenantsMsg>,
+        myself: ActorRef<TenantsMsg>,
         args: TenantsArgs,
     ) -> Result<TenantsState, ActorProcessingErr> {
+        let idle = Duration::from_secs(args.settings.idle_timeout_seconds.max(1));
+        myself.send_interval(idle.div_f64(2.0), || TenantsMsg::IdleSweep);
         Ok(TenantsState {
             args,
             running: HashMap::new(),
@@ -65,6 +70,11 @@ impl Actor for TenantsSupervisor {
         match message {
             TenantsMsg::Tenant(instance, reply) => {
                 let _ = reply.send(state.tenant(&myself, instance).await);
+            }
+            TenantsMsg::IdleSweep => {
+                for tenant in state.running.values() {
+                    let _ = tenant.send_message(TenantMsg::IdleCheck);
+                }
             }
         }
         Ok(())

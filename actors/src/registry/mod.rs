@@ -7,10 +7,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
 
+mod writer;
+
+use writer::Writer;
+
 use crate::settings::ClickHouseSettings;
 use crate::tenancy::{InstanceId, ProjectId, TenantKey};
 
-const EVENTS_TABLE_DDL: &str = include_str!("../sql/snowplow_events.sql");
+const EVENTS_TABLE_DDL: &str = include_str!("../../sql/snowplow_events.sql");
 
 /// The registry table's columns, in `ProjectRow` order; new columns are only ever appended.
 const REGISTRY_COLUMNS: &[(&str, &str)] = &[
@@ -30,6 +34,8 @@ pub enum RegistryError {
     ClickHouse(#[from] clickhouse::error::Error),
     #[error("ClickHouse did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("registry write failed: {0}")]
+    Write(String),
     #[error("the registry holds an invalid row for instance {instance}: {reason}")]
     Corrupt {
         instance: String,
@@ -197,11 +203,13 @@ pub struct Registry {
     server: Client,
     /// Bound to the gateway's own database.
     client: Client,
+    writer: Writer,
     database: String,
     timeout: Duration,
 }
 
 impl Registry {
+    /// Starts the batching writer, so it must run inside the Tokio runtime.
     pub fn new(settings: &ClickHouseSettings) -> Self {
         // Validation relies on RowBinaryWithNamesAndTypes, which older servers lack.
         let client = Client::default()
@@ -209,11 +217,14 @@ impl Registry {
             .with_user(&settings.user)
             .with_password(&settings.password)
             .with_validation(false);
+        let timeout = Duration::from_secs(settings.timeout_seconds);
+        let bound = client.clone().with_database(&settings.database);
         Self {
-            server: client.clone(),
-            client: client.with_database(&settings.database),
+            writer: Writer::start(bound.clone(), timeout),
+            server: client,
+            client: bound,
             database: settings.database.clone(),
-            timeout: Duration::from_secs(settings.timeout_seconds),
+            timeout,
         }
     }
 
@@ -323,14 +334,9 @@ impl Registry {
             .await
     }
 
+    /// Stores a new version of a project; concurrent calls share one INSERT.
     pub async fn record(&self, project: &ProjectRecord) -> Result<(), RegistryError> {
-        let row = ProjectRow::from(project);
-        self.deadline(async {
-            let mut insert = self.client.insert::<ProjectRow>("projects").await?;
-            insert.write(&row).await?;
-            insert.end().await
-        })
-        .await
+        self.writer.write(ProjectRow::from(project)).await
     }
 
     /// Creates the tenant's database and events table; safe to repeat.
