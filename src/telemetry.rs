@@ -100,6 +100,14 @@ fn describe() {
     );
     describe_gauge!("monitor_gateway_tenant_actors", "Running tenant actors");
     describe_counter!(
+        "monitor_gateway_queries_shed_total",
+        "Cube requests refused because the dispatcher's running and queued places were full"
+    );
+    describe_histogram!(
+        "monitor_gateway_registry_batch_rows",
+        "Registry rows per INSERT"
+    );
+    describe_counter!(
         "monitor_gateway_actor_failures_total",
         "Supervised actor failures by actor"
     );

@@ -78,6 +78,8 @@ pub enum QueryError {
     Upstream(String),
     #[error("Cube did not answer within the deadline")]
     Timeout,
+    #[error("too many queries are waiting for Cube; retry shortly")]
+    Overloaded,
     #[error("the query dispatcher is unavailable")]
     Unavailable,
 }
@@ -89,6 +91,7 @@ impl QueryError {
             Self::ProjectMissing => ErrorCode::ProjectNotOnboarded,
             Self::Upstream(_) | Self::Unavailable => ErrorCode::UpstreamUnavailable,
             Self::Timeout => ErrorCode::UpstreamTimeout,
+            Self::Overloaded => ErrorCode::Overloaded,
         }
     }
 }
@@ -112,6 +115,66 @@ pub struct QueryState {
     http: reqwest::Client,
     base: Arc<str>,
     signer: Arc<Signer>,
+    admission: Arc<Admission>,
+}
+
+/// Bounds the work handed to Cube: `running` requests at once, and room for `queued` more to
+/// wait; anything beyond is refused at once instead of piling up in memory.
+pub struct Admission {
+    running: tokio::sync::Semaphore,
+    admitted: std::sync::atomic::AtomicUsize,
+    capacity: usize,
+}
+
+impl Admission {
+    pub fn new(running: usize, queued: usize) -> Self {
+        let running = running.max(1);
+        Self {
+            running: tokio::sync::Semaphore::new(running),
+            admitted: std::sync::atomic::AtomicUsize::new(0),
+            capacity: running + queued,
+        }
+    }
+
+    /// A place among the admitted requests, or None when running and queue are full.
+    pub fn enter(self: &Arc<Self>) -> Option<AdmissionTicket> {
+        use std::sync::atomic::Ordering;
+        let entered = self
+            .admitted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.capacity).then_some(n + 1)
+            })
+            .is_ok();
+        entered.then(|| AdmissionTicket {
+            admission: self.clone(),
+        })
+    }
+}
+
+/// Held while a request is queued or running; leaving frees its place.
+pub struct AdmissionTicket {
+    admission: Arc<Admission>,
+}
+
+impl AdmissionTicket {
+    /// Waits for a running slot.
+    pub async fn run<T>(&self, work: impl std::future::Future<Output = T>) -> T {
+        let _slot = self
+            .admission
+            .running
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        work.await
+    }
+}
+
+impl Drop for AdmissionTicket {
+    fn drop(&mut self) {
+        self.admission
+            .admitted
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl Actor for QueryDispatcher {
@@ -129,10 +192,15 @@ impl Actor for QueryDispatcher {
             .pool_max_idle_per_host(64)
             .build()?;
         let base = args.cube.url.trim_end_matches('/').into();
+        let admission = Arc::new(Admission::new(
+            args.cube.max_concurrent_queries,
+            args.cube.max_queued_queries,
+        ));
         Ok(QueryState {
             http,
             base,
             signer: args.signer,
+            admission,
         })
     }
 
@@ -144,10 +212,16 @@ impl Actor for QueryDispatcher {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             QueryMsg::Forward(request, reply) => {
+                let Some(ticket) = state.admission.enter() else {
+                    metrics::counter!("monitor_gateway_queries_shed_total").increment(1);
+                    let _ = reply.send(Err(QueryError::Overloaded));
+                    return Ok(());
+                };
                 // The upstream call runs on its own task so one slow query never holds the rest.
                 let state = state.clone();
                 tokio::spawn(async move {
-                    let _ = reply.send(state.forward(*request).await);
+                    let answer = ticket.run(state.forward(*request)).await;
+                    let _ = reply.send(answer);
                 });
             }
         }
@@ -418,6 +492,19 @@ mod tests {
         assert!(get("queryType=multi").is_err());
         assert!(check_request(CubeEndpoint::Load, true, b"not json", None).is_err());
         assert!(check_request(CubeEndpoint::Meta, false, b"", None).is_ok());
+    }
+
+    #[tokio::test]
+    async fn admission_sheds_beyond_running_and_queued() {
+        let admission = Arc::new(Admission::new(1, 1));
+        let first = admission.enter().expect("a running place");
+        let second = admission.enter().expect("a queued place");
+        assert!(admission.enter().is_none(), "full");
+        drop(first);
+        let third = admission.enter().expect("a place freed");
+        assert_eq!(third.run(async { 7 }).await, 7);
+        drop((second, third));
+        assert!(admission.enter().is_some());
     }
 
     #[test]

@@ -90,6 +90,10 @@ pub struct CubeSettings {
     pub token_audience: String,
     /// Lifetime of a security-context token.
     pub token_ttl_seconds: u64,
+    /// Cube requests in flight at most; more wait in the queue.
+    pub max_concurrent_queries: usize,
+    /// Cube requests waiting at most; beyond it they are refused with 503 overloaded.
+    pub max_queued_queries: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -114,4 +118,8 @@ pub struct TenantSettings {
     pub deprovision_grace_seconds: u64,
     /// How often the purge looks for deprovisioned projects past their grace period.
     pub purge_interval_seconds: u64,
+    /// Queries an instance may send per second, on average (a token bucket per instance).
+    pub query_rate_per_second: f64,
+    /// Queries an instance may send at once above that rate.
+    pub query_burst: u32,
 }

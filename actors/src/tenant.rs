@@ -23,6 +23,8 @@ pub enum TenantError {
     NotOnboarded(ProjectId),
     #[error("this instance already has {0} projects, the most allowed; deprovision one first")]
     QuotaExceeded(usize),
+    #[error("this instance sends queries faster than allowed; retry in {0} s")]
+    RateLimited(u64),
     #[error("the analytics store is unavailable: {0}")]
     Upstream(String),
     #[error("the tenant actor did not answer in time")]
@@ -36,6 +38,7 @@ impl TenantError {
         match self {
             Self::NotOnboarded(_) => ErrorCode::ProjectNotOnboarded,
             Self::QuotaExceeded(_) => ErrorCode::QuotaExceeded,
+            Self::RateLimited(_) => ErrorCode::RateLimited,
             Self::Upstream(_) | Self::Unavailable => ErrorCode::UpstreamUnavailable,
             Self::Timeout => ErrorCode::UpstreamTimeout,
         }
@@ -67,6 +70,8 @@ pub enum TenantMsg {
     Purge(ProjectId, u32, RpcReplyPort<Result<bool, TenantError>>),
     /// The project when it is ready to serve queries and collection.
     ReadyProject(ProjectId, RpcReplyPort<Result<ProjectRecord, TenantError>>),
+    /// The project for one query: ready, and within the instance's query rate.
+    AdmitQuery(ProjectId, RpcReplyPort<Result<ProjectRecord, TenantError>>),
     /// The project in any status but purged.
     Project(ProjectId, RpcReplyPort<Result<ProjectRecord, TenantError>>),
     /// Every project not purged.
@@ -105,6 +110,8 @@ pub struct TenantState {
     waiting: HashMap<ProjectId, VecDeque<Change>>,
     /// New projects being onboarded, counted against the quota before they are recorded.
     reserved: HashSet<ProjectId>,
+    /// The instance's query rate limit.
+    queries: TokenBucket,
     last_active: Instant,
 }
 
@@ -123,12 +130,16 @@ impl Actor for TenantActor {
         Ok(TenantState {
             instance: args.instance,
             registry: args.registry,
-            settings: args.settings,
             projects: BTreeMap::new(),
             running: HashSet::new(),
             waiting: HashMap::new(),
             reserved: HashSet::new(),
+            queries: TokenBucket::new(
+                args.settings.query_rate_per_second,
+                args.settings.query_burst,
+            ),
             last_active: Instant::now(),
+            settings: args.settings,
         })
     }
 
@@ -169,6 +180,16 @@ impl Actor for TenantActor {
             TenantMsg::ChangeDone(project, record) => state.finish(&myself, project, record),
             TenantMsg::ReadyProject(project, reply) => {
                 let _ = reply.send(state.ready_project(project));
+            }
+            TenantMsg::AdmitQuery(project, reply) => {
+                let admitted = state.ready_project(project).and_then(|record| {
+                    state
+                        .queries
+                        .take()
+                        .map(|()| record)
+                        .map_err(TenantError::RateLimited)
+                });
+                let _ = reply.send(admitted);
             }
             TenantMsg::Project(project, reply) => {
                 let _ = reply.send(state.known_project(project).cloned());
@@ -336,5 +357,73 @@ impl TenantState {
             .filter(|record| record.status == ProjectStatus::Ready)
             .cloned()
             .ok_or(TenantError::NotOnboarded(project))
+    }
+}
+
+/// A token bucket: `rate` tokens a second, holding `burst` at most.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: f64, burst: u32) -> Self {
+        let burst = f64::from(burst.max(1));
+        Self {
+            rate: rate.max(f64::MIN_POSITIVE),
+            burst,
+            tokens: burst,
+            refilled: Instant::now(),
+        }
+    }
+
+    /// Takes a token, or says in how many whole seconds one will be there.
+    fn take(&mut self) -> Result<(), u64> {
+        self.take_at(Instant::now())
+    }
+
+    fn take_at(&mut self, now: Instant) -> Result<(), u64> {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Ok(());
+        }
+        Err(((1.0 - self.tokens) / self.rate).ceil().max(1.0) as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bucket_allows_a_burst_then_the_rate() {
+        let mut bucket = TokenBucket::new(2.0, 3);
+        let start = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(bucket.take_at(start), Ok(()));
+        }
+        assert_eq!(bucket.take_at(start), Err(1));
+        assert_eq!(bucket.take_at(start + Duration::from_millis(500)), Ok(()));
+        assert!(bucket.take_at(start + Duration::from_millis(500)).is_err());
+        // Idle time refills up to the burst, never beyond.
+        let later = start + Duration::from_secs(60);
+        for _ in 0..3 {
+            assert_eq!(bucket.take_at(later), Ok(()));
+        }
+        assert!(bucket.take_at(later).is_err());
+    }
+
+    #[test]
+    fn a_slow_rate_asks_for_a_longer_wait() {
+        let mut bucket = TokenBucket::new(0.1, 1);
+        let start = Instant::now();
+        assert_eq!(bucket.take_at(start), Ok(()));
+        assert_eq!(bucket.take_at(start), Err(10));
     }
 }

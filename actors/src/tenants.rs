@@ -155,6 +155,16 @@ impl Tenants {
             .await
     }
 
+    /// The project for one query: ready, and within the instance's rate limit.
+    pub async fn admit_query(
+        &self,
+        instance: &InstanceId,
+        project: ProjectId,
+    ) -> Result<ProjectRecord, TenantError> {
+        self.ask(instance, |reply| TenantMsg::AdmitQuery(project, reply))
+            .await
+    }
+
     /// The project if it is ready: what queries and collection need.
     pub async fn ready_project(
         &self,

@@ -50,7 +50,7 @@ async fn forward(
 
     let record = state
         .tenants
-        .ready_project(&identity.instance, project)
+        .admit_query(&identity.instance, project)
         .await?;
     let answer = state
         .queries

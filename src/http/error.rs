@@ -110,7 +110,11 @@ impl From<AuthError> for ApiError {
 
 impl From<TenantError> for ApiError {
     fn from(err: TenantError) -> Self {
-        Self::new(err.code(), err.to_string())
+        let mut error = Self::new(err.code(), err.to_string());
+        if let TenantError::RateLimited(seconds) = err {
+            error.retry_after = Some(seconds);
+        }
+        error
     }
 }
 
