@@ -16,22 +16,6 @@ fn project_path(project: u64) -> String {
     format!("/v1/product-analytics/projects/{project}")
 }
 
-async fn send(
-    gateway: &Gateway,
-    method: Method,
-    path: impl AsRef<str>,
-    token: &str,
-    instance: &str,
-) -> (u16, Value) {
-    let response = gateway
-        .api(method, path.as_ref(), token, instance)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
 async fn database_exists(database: &str) -> bool {
     clickhouse(&format!(
         "SELECT count() FROM system.databases WHERE name = '{database}' FORMAT TSV"
@@ -50,14 +34,6 @@ async fn registry_status(key: &str) -> String {
     .to_owned()
 }
 
-fn count(body: &Value) -> i64 {
-    let value = &body["data"][0]["TrackedEvents.count"];
-    value.as_str().map_or_else(
-        || value.as_i64().unwrap_or(-1),
-        |text| text.parse().unwrap(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_is_idempotent_stops_queries_and_keeps_the_data() {
     let issuer = Issuer::start().await;
@@ -68,39 +44,25 @@ async fn delete_is_idempotent_stops_queries_and_keeps_the_data() {
     let database = details["database"].as_str().unwrap().to_owned();
     insert_events(&database, &vec![event("page_view", "u", "/"); 4]).await;
 
-    let (status, first) = send(
-        &gateway,
-        Method::DELETE,
-        project_path(11),
-        &token,
-        &instance,
-    )
-    .await;
+    let (status, first) = gateway
+        .call(Method::DELETE, project_path(11), &token, &instance)
+        .await;
     assert_eq!(status, 200, "{first}");
     assert_eq!(first["status"], "deprovisioned");
-    let (status, second) = send(
-        &gateway,
-        Method::DELETE,
-        project_path(11),
-        &token,
-        &instance,
-    )
-    .await;
-    assert_eq!((status, &second), (200, &first));
+    let second = gateway
+        .call(Method::DELETE, project_path(11), &token, &instance)
+        .await;
+    assert_eq!(second, (200, first));
 
-    let (status, shown) = send(&gateway, Method::GET, project_path(11), &token, &instance).await;
+    let (status, shown) = gateway
+        .call(Method::GET, project_path(11), &token, &instance)
+        .await;
     assert_eq!(
         (status, shown["status"].as_str()),
         (200, Some("deprovisioned"))
     );
-    let (status, body) = gateway
-        .load(
-            &token,
-            &instance,
-            11,
-            json!({ "measures": ["TrackedEvents.count"] }),
-        )
-        .await;
+    let query = json!({ "measures": ["TrackedEvents.count"] });
+    let (status, body) = gateway.load(&token, &instance, 11, query).await;
     assert_eq!(status, 404, "{body}");
     assert_eq!(body["error"]["code"], "project_not_onboarded");
     assert!(
@@ -112,24 +74,11 @@ async fn delete_is_idempotent_stops_queries_and_keeps_the_data() {
     let (status, restored) = gateway.onboard(&token, &instance, 11).await;
     assert_eq!(status, 201, "{restored}");
     assert_eq!(restored["database"], database);
-    let (status, body) = gateway
-        .load(
-            &token,
-            &instance,
-            11,
-            json!({ "measures": ["TrackedEvents.count"] }),
-        )
-        .await;
-    assert_eq!((status, count(&body)), (200, 4), "{body}");
+    assert_eq!(gateway.count_events(&token, &instance, 11).await, (200, 4));
 
-    let (status, body) = send(
-        &gateway,
-        Method::DELETE,
-        project_path(12),
-        &token,
-        &instance,
-    )
-    .await;
+    let (status, body) = gateway
+        .call(Method::DELETE, project_path(12), &token, &instance)
+        .await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (404, Some("project_not_onboarded"))
@@ -175,20 +124,15 @@ async fn concurrent_put_and_delete_end_consistent() {
     let key = tenant_key(&instance, 600);
 
     for _ in 0..5 {
-        let put = send(&gateway, Method::PUT, project_path(600), &token, &instance);
-        let delete = send(
-            &gateway,
-            Method::DELETE,
-            project_path(600),
-            &token,
-            &instance,
-        );
+        let put = gateway.call(Method::PUT, project_path(600), &token, &instance);
+        let delete = gateway.call(Method::DELETE, project_path(600), &token, &instance);
         let ((put_status, _), (delete_status, _)) = tokio::join!(put, delete);
         assert!(matches!(put_status, 200 | 201), "{put_status}");
         assert!(matches!(delete_status, 200 | 404), "{delete_status}");
 
-        let (status, shown) =
-            send(&gateway, Method::GET, project_path(600), &token, &instance).await;
+        let (status, shown) = gateway
+            .call(Method::GET, project_path(600), &token, &instance)
+            .await;
         assert_eq!(status, 200);
         assert_eq!(
             shown["status"].as_str().unwrap(),
@@ -211,14 +155,9 @@ async fn the_purge_drops_the_database_after_the_grace_period() {
     let database = details["database"].as_str().unwrap().to_owned();
     insert_events(&database, &[event("page_view", "u", "/")]).await;
 
-    send(
-        &gateway,
-        Method::DELETE,
-        project_path(21),
-        &token,
-        &instance,
-    )
-    .await;
+    gateway
+        .call(Method::DELETE, project_path(21), &token, &instance)
+        .await;
     let deadline = Instant::now() + Duration::from_secs(15);
     while database_exists(&database).await {
         assert!(
@@ -231,21 +170,15 @@ async fn the_purge_drops_the_database_after_the_grace_period() {
         registry_status(details["tenant_key"].as_str().unwrap()).await,
         "purged"
     );
-    let (status, _) = send(&gateway, Method::GET, project_path(21), &token, &instance).await;
+    let (status, _) = gateway
+        .call(Method::GET, project_path(21), &token, &instance)
+        .await;
     assert_eq!(status, 404);
 
     // Onboarding again starts an empty project.
     let (status, again) = gateway.onboard(&token, &instance, 21).await;
     assert_eq!(status, 201, "{again}");
-    let (status, body) = gateway
-        .load(
-            &token,
-            &instance,
-            21,
-            json!({ "measures": ["TrackedEvents.count"] }),
-        )
-        .await;
-    assert_eq!((status, count(&body)), (200, 0), "{body}");
+    assert_eq!(gateway.count_events(&token, &instance, 21).await, (200, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,7 +191,9 @@ async fn the_project_quota_is_enforced_per_instance() {
 
     assert_eq!(gateway.onboard(&token, &instance, 1).await.0, 201);
     assert_eq!(gateway.onboard(&token, &instance, 2).await.0, 201);
-    let (status, body) = send(&gateway, Method::PUT, project_path(3), &token, &instance).await;
+    let (status, body) = gateway
+        .call(Method::PUT, project_path(3), &token, &instance)
+        .await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (429, Some("quota_exceeded")),
@@ -275,17 +210,19 @@ async fn the_project_quota_is_enforced_per_instance() {
         "quotas are per instance"
     );
 
-    send(&gateway, Method::DELETE, project_path(1), &token, &instance).await;
+    gateway
+        .call(Method::DELETE, project_path(1), &token, &instance)
+        .await;
     assert_eq!(gateway.onboard(&token, &instance, 3).await.0, 201);
 
-    let (status, list) = send(
-        &gateway,
-        Method::GET,
-        "/v1/product-analytics/projects",
-        &token,
-        &instance,
-    )
-    .await;
+    let (status, list) = gateway
+        .call(
+            Method::GET,
+            "/v1/product-analytics/projects",
+            &token,
+            &instance,
+        )
+        .await;
     assert_eq!(status, 200);
     let statuses: Vec<(u64, String)> = list["projects"]
         .as_array()
@@ -328,7 +265,7 @@ async fn usage_counts_the_events_of_a_month_exactly() {
 
     for (year, month, expected) in [(2026, 11, 5), (2026, 10, 3), (2025, 11, 1), (2026, 12, 0)] {
         let path = format!("{}/usage?year={year}&month={month}", project_path(31));
-        let (status, body) = send(&gateway, Method::GET, &path, &token, &instance).await;
+        let (status, body) = gateway.call(Method::GET, &path, &token, &instance).await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["events"], expected, "{year}-{month}: {body}");
     }
@@ -340,7 +277,7 @@ async fn usage_counts_the_events_of_a_month_exactly() {
         "?year=1969&month=12",
     ] {
         let path = format!("{}/usage{query}", project_path(31));
-        let (status, body) = send(&gateway, Method::GET, &path, &token, &instance).await;
+        let (status, body) = gateway.call(Method::GET, &path, &token, &instance).await;
         assert_eq!(
             (status, body["error"]["code"].as_str()),
             (400, Some("invalid_request")),
@@ -358,14 +295,9 @@ async fn one_instance_can_neither_see_nor_delete_another_instances_project() {
     gateway.onboard(&owner_token, &owner, 41).await;
 
     for method in [Method::GET, Method::DELETE] {
-        let (status, body) = send(
-            &gateway,
-            method.clone(),
-            project_path(41),
-            &intruder_token,
-            &intruder,
-        )
-        .await;
+        let (status, body) = gateway
+            .call(method.clone(), project_path(41), &intruder_token, &intruder)
+            .await;
         assert_eq!(
             (status, body["error"]["code"].as_str()),
             (404, Some("project_not_onboarded")),
@@ -374,29 +306,25 @@ async fn one_instance_can_neither_see_nor_delete_another_instances_project() {
     }
     let path = format!("{}/usage?year=2026&month=11", project_path(41));
     assert_eq!(
-        send(&gateway, Method::GET, &path, &intruder_token, &intruder)
+        gateway
+            .call(Method::GET, &path, &intruder_token, &intruder)
             .await
             .0,
         404
     );
-    let (_, list) = send(
-        &gateway,
-        Method::GET,
-        "/v1/product-analytics/projects",
-        &intruder_token,
-        &intruder,
-    )
-    .await;
+    let (_, list) = gateway
+        .call(
+            Method::GET,
+            "/v1/product-analytics/projects",
+            &intruder_token,
+            &intruder,
+        )
+        .await;
     assert_eq!(list["projects"], json!([]));
 
-    let (status, shown) = send(
-        &gateway,
-        Method::GET,
-        project_path(41),
-        &owner_token,
-        &owner,
-    )
-    .await;
+    let (status, shown) = gateway
+        .call(Method::GET, project_path(41), &owner_token, &owner)
+        .await;
     assert_eq!((status, shown["status"].as_str()), (200, Some("ready")));
 }
 
@@ -426,7 +354,9 @@ async fn idle_tenant_actors_stop_and_come_back_on_demand() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let (status, shown) = send(&gateway, Method::GET, project_path(51), &token, &instance).await;
+    let (status, shown) = gateway
+        .call(Method::GET, project_path(51), &token, &instance)
+        .await;
     assert_eq!((status, &shown), (200, &first));
 }
 
@@ -480,14 +410,9 @@ async fn a_gateway_killed_mid_onboarding_leaves_nothing_the_next_attempt_cannot_
     );
 
     for project in &projects {
-        let (status, body) = send(
-            &gateway,
-            Method::PUT,
-            project_path(*project),
-            &token,
-            &instance,
-        )
-        .await;
+        let (status, body) = gateway
+            .call(Method::PUT, project_path(*project), &token, &instance)
+            .await;
         assert!(matches!(status, 200 | 201), "{project}: {status} {body}");
         assert_eq!(body["status"], "ready");
         assert!(database_exists(body["database"].as_str().unwrap()).await);

@@ -46,18 +46,13 @@ async fn onboarding_creates_the_database_and_a_second_put_returns_the_same_detai
     assert_eq!(status, 200);
     assert_eq!(second, first);
 
-    let response = gateway
-        .api(
-            Method::GET,
-            "/v1/product-analytics/projects/42",
-            &token,
-            &instance,
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    assert_eq!(response.json::<serde_json::Value>().await.unwrap(), first);
+    let shown = gateway.call(
+        Method::GET,
+        "/v1/product-analytics/projects/42",
+        &token,
+        &instance,
+    );
+    assert_eq!(shown.await, (200, first));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,18 +67,13 @@ async fn the_registry_survives_a_gateway_restart() {
     gateway.kill();
 
     let gateway = Gateway::start(&[&issuer]).await;
-    let response = gateway
-        .api(
-            Method::GET,
-            "/v1/product-analytics/projects/7",
-            &token,
-            &instance,
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    assert_eq!(response.json::<serde_json::Value>().await.unwrap(), first);
+    let shown = gateway.call(
+        Method::GET,
+        "/v1/product-analytics/projects/7",
+        &token,
+        &instance,
+    );
+    assert_eq!(shown.await, (200, first.clone()));
     let (status, again) = gateway.onboard(&token, &instance, 7).await;
     assert_eq!((status, again), (200, first));
 }
@@ -95,18 +85,15 @@ async fn a_project_not_onboarded_is_404_and_invalid_ids_are_400() {
     let instance = new_instance();
     let token = issuer.token(&instance);
 
-    let response = gateway
-        .api(
+    let (status, body) = gateway
+        .call(
             Method::GET,
             "/v1/product-analytics/projects/5",
             &token,
             &instance,
         )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 404);
-    let body: serde_json::Value = response.json().await.unwrap();
+        .await;
+    assert_eq!(status, 404);
     assert_eq!(body["error"]["code"], "project_not_onboarded");
 
     for bad in [
@@ -119,18 +106,9 @@ async fn a_project_not_onboarded_is_404_and_invalid_ids_are_400() {
         "",
         "%2B1",
     ] {
-        let response = gateway
-            .api(
-                Method::PUT,
-                &format!("/v1/product-analytics/projects/{bad}"),
-                &token,
-                &instance,
-            )
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 400, "{bad}");
-        let body: serde_json::Value = response.json().await.unwrap();
+        let path = format!("/v1/product-analytics/projects/{bad}");
+        let (status, body) = gateway.call(Method::PUT, path, &token, &instance).await;
+        assert_eq!(status, 400, "{bad}");
         assert_eq!(body["error"]["code"], "invalid_project_id", "{bad}");
     }
 }

@@ -2,17 +2,9 @@
 
 mod common;
 
-use common::{Gateway, Issuer, event, insert_events, new_instance, tenant_key};
+use common::{Gateway, Issuer, event, insert_events, member, new_instance, tenant_key};
 use reqwest::Method;
 use serde_json::json;
-
-fn count(body: &serde_json::Value, member: &str) -> i64 {
-    let value = &body["data"][0][member];
-    value.as_str().map_or_else(
-        || value.as_i64().unwrap_or(-1),
-        |text| text.parse().unwrap(),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_counts_exactly_the_projects_events_and_filters_by_event() {
@@ -37,7 +29,7 @@ async fn load_counts_exactly_the_projects_events_and_filters_by_event() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(count(&body, "TrackedEvents.count"), 8, "{body}");
+    assert_eq!(member(&body, "TrackedEvents.count"), 8, "{body}");
 
     let filtered = json!({
         "measures": ["TrackedEvents.count"],
@@ -45,14 +37,14 @@ async fn load_counts_exactly_the_projects_events_and_filters_by_event() {
     });
     let (status, body) = gateway.load(&token, &instance, 1001, filtered).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(count(&body, "TrackedEvents.count"), 5, "{body}");
+    assert_eq!(member(&body, "TrackedEvents.count"), 5, "{body}");
 
     let views =
         json!({ "measures": ["TrackedEvents.pageViewsCount", "TrackedEvents.uniqueUsersCount"] });
     let (status, body) = gateway.load(&token, &instance, 1001, views).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(count(&body, "TrackedEvents.pageViewsCount"), 5, "{body}");
-    assert_eq!(count(&body, "TrackedEvents.uniqueUsersCount"), 4, "{body}");
+    assert_eq!(member(&body, "TrackedEvents.pageViewsCount"), 5, "{body}");
+    assert_eq!(member(&body, "TrackedEvents.uniqueUsersCount"), 4, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,8 +80,8 @@ async fn two_instances_with_the_same_project_id_see_only_their_own_events() {
     let query = json!({ "measures": ["TrackedEvents.count"] });
     let (_, body_a) = gateway.load(&token_a, &a, 77, query.clone()).await;
     let (_, body_b) = gateway.load(&token_b, &b, 77, query.clone()).await;
-    assert_eq!(count(&body_a, "TrackedEvents.count"), 3, "{body_a}");
-    assert_eq!(count(&body_b, "TrackedEvents.count"), 11, "{body_b}");
+    assert_eq!(member(&body_a, "TrackedEvents.count"), 3, "{body_a}");
+    assert_eq!(member(&body_b, "TrackedEvents.count"), 11, "{body_b}");
 
     // Instance A's token with instance B's header is refused, and A cannot name B's database.
     let (status, body) = gateway.load(&token_a, &b, 77, query.clone()).await;
@@ -114,7 +106,7 @@ async fn two_instances_with_the_same_project_id_see_only_their_own_events() {
     let body: serde_json::Value = response.json().await.unwrap();
     assert!(status == 200 || status == 400, "{status} {body}");
     if status == 200 && body["error"] != "Continue wait" {
-        assert_eq!(count(&body, "TrackedEvents.count"), 3, "{body}");
+        assert_eq!(member(&body, "TrackedEvents.count"), 3, "{body}");
     }
 }
 

@@ -173,6 +173,30 @@ impl Gateway {
             .header("X-Gitlab-Instance-Id", instance)
     }
 
+    /// Any API call with an instance's credentials: the status and the JSON body (or null).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: impl AsRef<str>,
+        token: &str,
+        instance: &str,
+    ) -> (u16, Value) {
+        let response = self
+            .api(method, path.as_ref(), token, instance)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `TrackedEvents.count` of a project, through the gateway and Cube.
+    pub async fn count_events(&self, token: &str, instance: &str, project: u64) -> (u16, i64) {
+        let query = json!({ "measures": ["TrackedEvents.count"] });
+        let (status, body) = self.load(token, instance, project, query).await;
+        (status, member(&body, "TrackedEvents.count"))
+    }
+
     pub async fn onboard(&self, token: &str, instance: &str, project: u64) -> (u16, Value) {
         let path = format!("/v1/product-analytics/projects/{project}");
         let response = self
@@ -369,4 +393,13 @@ pub async fn security_context_token(database: &str) -> String {
         "sub": "test", "database": database,
     });
     jsonwebtoken::encode(&header, &claims, &key).unwrap()
+}
+
+/// A measure of the first row of a Cube answer (Cube sends numbers as strings); -1 when absent.
+pub fn member(body: &Value, name: &str) -> i64 {
+    let value = &body["data"][0][name];
+    value.as_str().map_or_else(
+        || value.as_i64().unwrap_or(-1),
+        |text| text.parse().unwrap_or(-1),
+    )
 }
