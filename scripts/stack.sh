@@ -6,6 +6,8 @@
 #   scripts/stack.sh down <profile>      stop both (SIGTERM, then SIGKILL after a timeout)
 #   scripts/stack.sh restart <profile>   down, then up
 #   scripts/stack.sh status <profile>    what runs, with pids and ports
+#   scripts/stack.sh clickhouse-config <dir> <http> <tcp> <interserver>
+#                                        render a ClickHouse configuration into <dir> (for tests)
 #
 # Profiles (every server binds to 127.0.0.1 only; both profiles can run side by side):
 #
@@ -478,6 +480,14 @@ cmd_status() {
   print_status
 }
 
+# Renders the ClickHouse configuration into a folder of the caller's, for tests that run a
+# private server of their own (to stop and restart it) beside the profile's.
+cmd_clickhouse_config() {
+  [[ $# -eq 4 ]] || die "usage: stack.sh clickhouse-config <dir> <http-port> <tcp-port> <interserver-port>"
+  CH_DIR=$1 CH_HTTP_PORT=$2 CH_TCP_PORT=$3 CH_INTERSERVER_PORT=$4
+  render_clickhouse_config
+}
+
 main() {
   local command="${1:-}"
   shift || true
@@ -487,6 +497,7 @@ main() {
     down) cmd_down "$@" ;;
     restart) cmd_restart "$@" ;;
     status) cmd_status "$@" ;;
+    clickhouse-config) cmd_clickhouse_config "$@" ;;
     *) usage ;;
   esac
 }

@@ -467,3 +467,71 @@ async fn try_send(
 async fn onboarding_quietly<F: std::future::Future>(future: F) {
     let _ = tokio::time::timeout(Duration::from_secs(30), future).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_lost_during_onboarding_answers_503_and_the_next_attempt_finishes() {
+    let mut clickhouse = common::PrivateClickHouse::start().await;
+    let issuer = Issuer::start().await;
+    let options = GatewayOptions::new(&[&issuer])
+        .env("CLICKHOUSE__URL", clickhouse.url())
+        .env("CLICKHOUSE__TIMEOUT_SECONDS", 3);
+    let gateway = Gateway::start_with(options).await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+    assert_eq!(gateway.onboard(&token, &instance, 1).await.0, 201);
+
+    let projects: Vec<u64> = (2..12).collect();
+    let calls = projects
+        .iter()
+        .map(|project| gateway.call(Method::PUT, project_path(*project), &token, &instance));
+    let onboarding = join_all(calls);
+    let crash = async {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        clickhouse.kill();
+    };
+    let (answers, ()) = tokio::join!(onboarding, crash);
+    for (status, body) in &answers {
+        assert!(matches!(status, 201 | 503), "{status} {body}");
+        if *status == 503 {
+            assert_eq!(body["error"]["code"], "upstream_unavailable");
+            assert!(
+                !body.to_string().contains("127.0.0.1"),
+                "internal details leak: {body}"
+            );
+        }
+    }
+
+    // While it is down: clean refusals and an unready gateway, never a hang.
+    let (status, body) = gateway
+        .call(Method::PUT, project_path(99), &token, &instance)
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("upstream_unavailable"))
+    );
+    assert_eq!(gateway.readyz().await.0, 503);
+
+    clickhouse.resume().await;
+    gateway.wait_ready(Duration::from_secs(30)).await;
+    for project in &projects {
+        let (status, body) = gateway
+            .call(Method::PUT, project_path(*project), &token, &instance)
+            .await;
+        assert!(matches!(status, 200 | 201), "{project}: {status} {body}");
+        assert_eq!(body["status"], "ready");
+        let tables = clickhouse
+            .query(&format!(
+                "EXISTS TABLE {}.snowplow_events",
+                body["database"].as_str().unwrap()
+            ))
+            .await;
+        assert_eq!(tables.trim(), "1");
+    }
+    let statuses = clickhouse
+        .query(&format!(
+            "SELECT status, count() FROM monitor_gateway.projects FINAL \
+             WHERE instance_id = '{instance}' GROUP BY status FORMAT TSV"
+        ))
+        .await;
+    assert_eq!(statuses.trim(), "ready\t11");
+}

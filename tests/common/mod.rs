@@ -403,3 +403,92 @@ pub fn member(body: &Value, name: &str) -> i64 {
         |text| text.parse().unwrap_or(-1),
     )
 }
+
+/// A ClickHouse server of one test's own, configured by `scripts/stack.sh`, that the test may
+/// stop and start again on the same data.
+pub struct PrivateClickHouse {
+    dir: tempfile::TempDir,
+    pub http_port: u16,
+    server: Option<Child>,
+}
+
+impl PrivateClickHouse {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<u16> = (0..3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect::<Vec<_>>()
+            .iter()
+            .map(|listener| listener.local_addr().unwrap().port())
+            .collect();
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/stack.sh");
+        let rendered = Command::new(script)
+            .arg("clickhouse-config")
+            .arg(dir.path())
+            .args(ports.iter().map(u16::to_string))
+            .status()
+            .unwrap();
+        assert!(rendered.success());
+        let mut clickhouse = Self {
+            dir,
+            http_port: ports[0],
+            server: None,
+        };
+        clickhouse.resume().await;
+        clickhouse
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// Starts the server on its existing data and waits until it answers.
+    pub async fn resume(&mut self) {
+        let server = Command::new("/usr/sbin/clickhouse-server")
+            .arg(format!(
+                "--config-file={}",
+                self.dir.path().join("config.xml").display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("clickhouse-server starts (scripts/stack.sh install puts it there)");
+        self.server = Some(server);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while reqwest::get(format!("{}/?query=SELECT%201", self.url()))
+            .await
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the private ClickHouse did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Kills the server outright, as a crash or a lost host would.
+    pub fn kill(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+    }
+
+    pub async fn query(&self, sql: &str) -> String {
+        let response = reqwest::Client::new()
+            .post(self.url())
+            .body(sql.to_owned())
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success(), "{sql}");
+        response.text().await.unwrap()
+    }
+}
+
+impl Drop for PrivateClickHouse {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
