@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use actors::signer::{generate_key, read_key, rsa_pkcs1_der, thumbprint, write_key};
+use actors::registry::ProjectRecord;
+use actors::signer::{Signer, generate_key, read_key, rsa_pkcs1_der, thumbprint, write_key};
+use actors::tenancy::{InstanceId, ProjectId};
 use anyhow::Context;
 use axum::Router;
 use axum::routing::get;
@@ -41,6 +43,14 @@ pub enum DevCommand {
         #[arg(long, default_value = DEFAULT_ISSUER)]
         issuer: String,
     },
+    /// Print the security-context token the gateway would send Cube for a project, signed with
+    /// the configured signing key: for calling Cube directly while debugging or benchmarking.
+    ContextToken {
+        #[arg(long)]
+        instance_id: String,
+        #[arg(long)]
+        project_id: String,
+    },
     /// Print a Cloud Connector token for an instance, signed by the local issuer; with several
     /// --instance-id, one token per line in the same order.
     Token {
@@ -68,8 +78,20 @@ pub enum DevCommand {
     },
 }
 
-pub fn run(command: DevCommand) -> anyhow::Result<()> {
+pub fn run(command: DevCommand, config: Option<&Path>) -> anyhow::Result<()> {
     match command {
+        DevCommand::ContextToken {
+            instance_id,
+            project_id,
+        } => {
+            let settings = crate::config::Settings::load(config)?;
+            let signer = Signer::load(&settings.signing, &settings.cube)?;
+            let instance = InstanceId::parse(&instance_id)?;
+            let project = ProjectId::parse(&project_id)?;
+            let token = signer.security_context_token(&ProjectRecord::new(instance, project))?;
+            println!("{token}");
+            Ok(())
+        }
         DevCommand::IssuerInit { dir } => {
             let created = init_issuer(&dir)?;
             let verb = if created { "created" } else { "kept existing" };

@@ -50,7 +50,7 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(serve::run),
         Command::CheckConfig => check_config(cli.config.as_deref()),
-        Command::Dev(command) => dev::run(command),
+        Command::Dev(command) => dev::run(command, cli.config.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The query path's overhead: the same Cube `load` sent straight to Cube and through the gateway,
+# at the same concurrency in one run, with throughput, p50/p99 latency, their ratio and the
+# latency the gateway adds. Cube answers this repeated query from its own result cache, so the
+# comparison isolates what the gateway adds.
+#
+#   benches/query.sh     # CONCURRENCY=16 DURATION=10 ROUNDS=3 THREADS=1
+#
+# Uses the demo profile (scripts/demo.sh brings it up with a project and sample events) and a
+# gateway of its own on 127.0.0.1:47280, sharing the demo gateway's signing key so Cube trusts
+# it, with rate limits and queue bounds raised out of the way. wrk runs stop by themselves.
+
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+readonly CONCURRENCY=${CONCURRENCY:-16} DURATION=${DURATION:-10} ROUNDS=${ROUNDS:-3}
+readonly THREADS=${THREADS:-1} PORT=47280 ADMIN=47290
+
+command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+scripts/demo.sh >/dev/null
+readonly BIN=$PWD/target/release/monitor-gateway
+instance=$(cat .stack/demo/instance-id)
+
+work=$(mktemp -d)
+pid=
+cleanup() {
+  [[ -n $pid ]] && kill "$pid" 2>/dev/null
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+cat >"$work/gateway.toml" <<TOML
+[server]
+listen = "127.0.0.1:$PORT"
+admin_listen = "127.0.0.1:$ADMIN"
+[log]
+level = "warn"
+[tenants]
+query_rate_per_second = 1000000.0
+query_burst = 1000000
+[cube]
+url = "http://127.0.0.1:14000"
+max_concurrent_queries = 1024
+max_queued_queries = 1024
+[clickhouse]
+url = "http://127.0.0.1:18123"
+[[auth.issuers]]
+name = "local"
+issuer = "http://127.0.0.1:8081"
+jwks_url = "http://127.0.0.1:8081/oauth/discovery/keys"
+[signing]
+key_file = "$PWD/.stack/demo/keys/gateway-signing.pem"
+create_if_missing = false
+TOML
+"$BIN" --config "$work/gateway.toml" serve >"$work/gateway.log" 2>&1 &
+pid=$!
+for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null && break; sleep 0.1; done
+
+token=$(scripts/gateway.sh token demo "$instance")
+context=$("$BIN" --config "$work/gateway.toml" dev context-token --instance-id "$instance" --project-id 1)
+query=$(python3 -c 'import json, urllib.parse; print(urllib.parse.quote(json.dumps({"measures": ["TrackedEvents.count", "TrackedEvents.pageViewsCount"], "dimensions": ["TrackedEvents.pageUrlpath"]})))')
+direct="http://127.0.0.1:14000/cubejs-api/v1/load?query=$query"
+gateway="http://127.0.0.1:$PORT/v1/product-analytics/projects/1/cubejs-api/v1/load?query=$query"
+
+# Both paths must answer with data (not "Continue wait", not an error) before measuring.
+for url_auth in "$direct|Authorization: $context" "$gateway|Authorization: Bearer $token"; do
+  url=${url_auth%%|*} auth=${url_auth#*|}
+  for _ in $(seq 1 60); do
+    body=$(curl -s "$url" -H "$auth" -H "X-Gitlab-Instance-Id: $instance")
+    [[ $body == *'"data"'* ]] && break
+    sleep 0.5
+  done
+  [[ $body == *'"data"'* ]] || { echo "bench: no data from $url: $body" >&2; exit 1; }
+done
+
+run() { # name url headers...
+  local name=$1 url=$2
+  shift 2
+  wrk -t "$THREADS" -c "$CONCURRENCY" -d "${DURATION}s" --latency "$@" "$url" >"$work/$name.$round.txt"
+  if grep -q "Non-2xx" "$work/$name.$round.txt"; then
+    cat "$work/$name.$round.txt" >&2
+    echo "bench: $name had error responses" >&2
+    exit 1
+  fi
+}
+
+echo "bench: $ROUNDS rounds of ${DURATION}s per path, $CONCURRENCY connections" >&2
+for round in $(seq 1 "$ROUNDS"); do
+  run direct "$direct" -H "Authorization: $context"
+  run gateway "$gateway" -H "Authorization: Bearer $token" -H "X-Gitlab-Instance-Id: $instance"
+done
+
+python3 - "$work" "$ROUNDS" <<'PY'
+import re, statistics, sys
+from pathlib import Path
+
+work, rounds = Path(sys.argv[1]), int(sys.argv[2])
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+def parse(path):
+    text = path.read_text()
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+    pct = {p: float(v) * UNITS[u] for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)}
+    return rps, pct["50"], pct["99"]
+
+results = {}
+for case in ("direct", "gateway"):
+    runs = [parse(work / f"{case}.{r}.txt") for r in range(1, rounds + 1)]
+    results[case] = tuple(statistics.median(run[i] for run in runs) for i in range(3))
+
+print(f"{'path':<8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+for case, (rps, p50, p99) in results.items():
+    print(f"{case:<8} {rps:>9.0f} {p50:>8.3f} {p99:>8.3f}")
+(d_rps, d_p50, _), (g_rps, g_p50, _) = results["direct"], results["gateway"]
+print()
+print(f"gateway / direct throughput: {g_rps / d_rps:.3f}   (target >= 0.95 without a result cache)")
+print(f"added latency at p50       : {g_p50 - d_p50:.3f} ms   (target < 1 ms)")
+PY
