@@ -126,6 +126,12 @@ impl Settings {
                 "must match [a-z_][a-z0-9_]*",
             ));
         }
+        if self.cube.result_cache_seconds > 10 {
+            return Err(invalid(
+                "cube.result_cache_seconds",
+                "must be at most 10, Cube's own refresh interval",
+            ));
+        }
         if self.cube.token_ttl_seconds < 10 {
             return Err(invalid("cube.token_ttl_seconds", "must be at least 10"));
         }

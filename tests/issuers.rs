@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::issuer::{IssuerMode, sign_with};
-use common::{Gateway, GatewayOptions, Issuer, new_instance};
+use common::{Gateway, GatewayOptions, Issuer, metric, new_instance};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -52,13 +52,6 @@ async fn force_refresh(gateway: &Gateway, issuer: &Issuer, instance: &str) {
         outcome(gateway, &token, instance).await,
         (401, "unknown_key".into())
     );
-}
-
-fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|line| line.starts_with(name) && labels.iter().all(|label| line.contains(label)))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,6 +10,7 @@ pub mod housekeeper;
 pub mod lifecycle;
 pub mod query;
 pub mod registry;
+pub mod results;
 pub mod settings;
 pub mod signer;
 pub mod supervisor;

@@ -11,6 +11,7 @@ use tracing::{debug, warn};
 
 use crate::code::ErrorCode;
 use crate::registry::ProjectRecord;
+use crate::results::{CacheKey, ResultCache};
 use crate::settings::CubeSettings;
 use crate::signer::Signer;
 
@@ -58,10 +59,12 @@ pub struct CubeRequest {
     pub query_string: Option<String>,
     pub body: Bytes,
     pub request_id: String,
+    /// Ask Cube even when a recent answer is kept (the caller sent `Cache-Control: no-cache`).
+    pub bypass_cache: bool,
 }
 
 /// A successful Cube answer, passed on as it came ("Continue wait" included).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct CubeResponse {
     pub status: u16,
     pub content_type: Option<String>,
@@ -116,6 +119,7 @@ pub struct QueryState {
     base: Arc<str>,
     signer: Arc<Signer>,
     admission: Arc<Admission>,
+    results: Option<Arc<ResultCache>>,
 }
 
 /// Bounds the work handed to Cube: `running` requests at once, and room for `queued` more to
@@ -196,11 +200,15 @@ impl Actor for QueryDispatcher {
             args.cube.max_concurrent_queries,
             args.cube.max_queued_queries,
         ));
+        let window = Duration::from_secs(args.cube.result_cache_seconds);
+        let results = (!window.is_zero())
+            .then(|| Arc::new(ResultCache::new(window, args.cube.result_cache_capacity)));
         Ok(QueryState {
             http,
             base,
             signer: args.signer,
             admission,
+            results,
         })
     }
 
@@ -220,8 +228,7 @@ impl Actor for QueryDispatcher {
                 // The upstream call runs on its own task so one slow query never holds the rest.
                 let state = state.clone();
                 tokio::spawn(async move {
-                    let answer = ticket.run(state.forward(*request)).await;
-                    let _ = reply.send(answer);
+                    let _ = reply.send(state.answer(*request, ticket).await);
                 });
             }
         }
@@ -235,7 +242,31 @@ struct CubeError {
 }
 
 impl QueryState {
+    /// From the result cache when the request may be, else from Cube.
+    async fn answer(
+        &self,
+        request: CubeRequest,
+        ticket: AdmissionTicket,
+    ) -> Result<CubeResponse, QueryError> {
+        let cached = self.results.as_ref().zip(CacheKey::of(&request));
+        match cached {
+            Some((results, key)) if request.bypass_cache => {
+                results
+                    .refresh(key, ticket.run(self.forward(request)))
+                    .await
+            }
+            Some((results, key)) => {
+                results
+                    .get_or_fetch(key, ticket.run(self.forward(request)))
+                    .await
+            }
+            None => ticket.run(self.forward(request)).await,
+        }
+    }
+
     async fn forward(&self, request: CubeRequest) -> Result<CubeResponse, QueryError> {
+        metrics::counter!("monitor_gateway_cube_requests_total", "endpoint" => request.endpoint.as_str())
+            .increment(1);
         let token = self
             .signer
             .security_context_token(&request.project)

@@ -94,6 +94,11 @@ pub struct CubeSettings {
     pub max_concurrent_queries: usize,
     /// Cube requests waiting at most; beyond it they are refused with 503 overloaded.
     pub max_queued_queries: usize,
+    /// How long an answer to `load` or `meta` is reused for identical requests of the same
+    /// tenant; 0 turns the result cache off. At most Cube's own refresh interval (10 s).
+    pub result_cache_seconds: u64,
+    /// Answers kept at most.
+    pub result_cache_capacity: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -61,6 +61,7 @@ async fn forward(
             query_string,
             body,
             request_id: request_id(&headers),
+            bypass_cache: asks_fresh(&headers),
         })
         .await?;
 
@@ -77,4 +78,14 @@ fn too_large(limit: usize) -> ApiError {
         ErrorCode::PayloadTooLarge,
         format!("the request body is larger than {limit} bytes"),
     )
+}
+
+/// `Cache-Control: no-cache` (or `no-store`) asks for an answer straight from Cube.
+fn asks_fresh(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|directive| matches!(directive.trim(), "no-cache" | "no-store"))
 }

@@ -492,3 +492,11 @@ impl Drop for PrivateClickHouse {
         self.kill();
     }
 }
+
+/// The sum of a Prometheus metric's samples whose labels contain all of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(name) && labels.iter().all(|label| line.contains(label)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
