@@ -72,10 +72,12 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let state = AppState {
         auth: auth.clone(),
         tenants: Tenants::new(Duration::from_secs(settings.tenants.call_timeout_seconds)),
-        queries: Queries::new(Duration::from_secs(settings.cube.timeout_seconds + 1)),
+        // Room for a caller's wait for a result, plus the last request to Cube.
+        queries: Queries::new(Duration::from_secs(2 * settings.cube.timeout_seconds + 1)),
         signer,
         public_url: settings.server.public_url.clone().into(),
         max_body_bytes: settings.server.max_body_bytes,
+        max_result_wait: Duration::from_secs(settings.cube.timeout_seconds),
     };
     let readiness = Readiness::new(auth, registry, &settings.cube.url);
     let request_timeout = Duration::from_secs(settings.server.request_timeout_seconds);

@@ -284,3 +284,44 @@ async fn cubes_clickhouse_user_can_read_but_not_write_or_reach_out() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefer_wait_returns_data_instead_of_continue_wait() {
+    let issuer = Issuer::start().await;
+    let gateway = Gateway::start(&[&issuer]).await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+    let (_, details) = gateway.onboard(&token, &instance, 9).await;
+    insert_events(
+        details["database"].as_str().unwrap(),
+        &vec![event("page_view", "u", "/w"); 6],
+    )
+    .await;
+
+    // New queries each time, so neither Cube nor the gateway has them ready.
+    for path in ["/w", "/x", "/y"] {
+        let query = json!({
+            "query": {
+                "measures": ["TrackedEvents.count"],
+                "filters": [{ "member": "TrackedEvents.pageUrlpath", "operator": "notEquals", "values": [path] }],
+            }
+        });
+        let response = gateway
+            .api(
+                Method::POST,
+                "/v1/product-analytics/projects/9/cubejs-api/v1/load",
+                &token,
+                &instance,
+            )
+            .header("Prefer", "wait=20")
+            .json(&query)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_ne!(body["error"], "Continue wait", "{body}");
+        let expected = if path == "/w" { 0 } else { 6 };
+        assert_eq!(member(&body, "TrackedEvents.count"), expected, "{body}");
+    }
+}

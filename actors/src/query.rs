@@ -11,11 +11,14 @@ use tracing::{debug, warn};
 
 use crate::code::ErrorCode;
 use crate::registry::ProjectRecord;
-use crate::results::{CacheKey, ResultCache};
+use crate::results::{CacheKey, ResultCache, is_continue_wait};
 use crate::settings::CubeSettings;
 use crate::signer::Signer;
 
 pub const QUERY_DISPATCHER: &str = "query-dispatcher";
+
+/// Pause between asks while Cube answers "Continue wait" and the caller waits server-side.
+const CONTINUE_WAIT_PAUSE: Duration = Duration::from_millis(250);
 
 /// Cube has answered and the body is not yet known to be data; bodies of errors are small.
 const MAX_ERROR_MESSAGE: usize = 2_000;
@@ -50,7 +53,7 @@ impl CubeEndpoint {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct CubeRequest {
     pub project: ProjectRecord,
     pub endpoint: CubeEndpoint,
@@ -61,6 +64,8 @@ pub struct CubeRequest {
     pub request_id: String,
     /// Ask Cube even when a recent answer is kept (the caller sent `Cache-Control: no-cache`).
     pub bypass_cache: bool,
+    /// Ask again while Cube answers "Continue wait", for up to this long (`Prefer: wait=N`).
+    pub wait_for_result: Option<Duration>,
 }
 
 /// A successful Cube answer, passed on as it came ("Continue wait" included).
@@ -242,11 +247,32 @@ struct CubeError {
 }
 
 impl QueryState {
-    /// From the result cache when the request may be, else from Cube.
+    /// Cube's answer, asked again while it says "Continue wait" if the caller wants to wait.
     async fn answer(
         &self,
         request: CubeRequest,
         ticket: AdmissionTicket,
+    ) -> Result<CubeResponse, QueryError> {
+        let Some(wait) = request.wait_for_result else {
+            return self.answer_once(request, &ticket).await;
+        };
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let answer = self.answer_once(request.clone(), &ticket).await?;
+            if !is_continue_wait(&answer)
+                || tokio::time::Instant::now() + CONTINUE_WAIT_PAUSE > deadline
+            {
+                return Ok(answer);
+            }
+            tokio::time::sleep(CONTINUE_WAIT_PAUSE).await;
+        }
+    }
+
+    /// From the result cache when the request may be, else from Cube.
+    async fn answer_once(
+        &self,
+        request: CubeRequest,
+        ticket: &AdmissionTicket,
     ) -> Result<CubeResponse, QueryError> {
         let cached = self.results.as_ref().zip(CacheKey::of(&request));
         match cached {

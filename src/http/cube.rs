@@ -62,6 +62,7 @@ async fn forward(
             body,
             request_id: request_id(&headers),
             bypass_cache: asks_fresh(&headers),
+            wait_for_result: wait_preference(&headers, state.max_result_wait),
         })
         .await?;
 
@@ -88,4 +89,23 @@ fn asks_fresh(headers: &HeaderMap) -> bool {
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
         .any(|directive| matches!(directive.trim(), "no-cache" | "no-store"))
+}
+
+/// `Prefer: wait=N` (RFC 7240): wait up to N seconds, within the gateway's limit, for a result
+/// instead of passing "Continue wait" on.
+fn wait_preference(headers: &HeaderMap, limit: std::time::Duration) -> Option<std::time::Duration> {
+    let seconds = headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .find_map(|preference| {
+            preference
+                .trim()
+                .strip_prefix("wait=")?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })?;
+    Some(std::time::Duration::from_secs(seconds).min(limit))
 }

@@ -42,6 +42,8 @@ pub struct AppState {
     pub signer: Arc<Signer>,
     pub public_url: Arc<str>,
     pub max_body_bytes: usize,
+    /// The longest a caller may ask to wait out Cube's "Continue wait" (`Prefer: wait=N`).
+    pub max_result_wait: Duration,
 }
 
 pub fn public_router(state: AppState, request_timeout: Duration) -> Router {
