@@ -9,6 +9,16 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 started=$SECONDS
 scripts/stack.sh install
 
+# Cube's own JavaScript client, which the tests drive against the gateway.
+client=tests/cube-client
+stamp=$client/node_modules/.installed-lock.sha256
+hash=$(cat "$client/package.json" "$client/package-lock.json" | sha256sum | cut -d' ' -f1)
+if [[ ! -f $stamp || $(cat "$stamp") != "$hash" ]]; then
+  echo "test: installing Cube's client (npm ci)" >&2
+  (cd "$client" && npm ci --no-audit --no-fund --silent)
+  echo "$hash" >"$stamp"
+fi
+
 echo "test: building" >&2
 cargo build --locked --workspace --all-targets
 

@@ -325,3 +325,59 @@ async fn prefer_wait_returns_data_instead_of_continue_wait() {
         assert_eq!(member(&body, "TrackedEvents.count"), expected, "{body}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cubes_own_client_works_against_a_projects_query_url() {
+    let issuer = Issuer::start().await;
+    let gateway = Gateway::start(&[&issuer]).await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+    let (_, details) = gateway.onboard(&token, &instance, 5).await;
+    insert_events(
+        details["database"].as_str().unwrap(),
+        &vec![event("page_view", "u", "/"); 7],
+    )
+    .await;
+
+    // query_url carries the configured public URL; the client must reach this test's gateway.
+    let query_url = details["query_url"]
+        .as_str()
+        .unwrap()
+        .replace("http://gateway.test", &gateway.url);
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cube-client/check.js");
+    let output = tokio::process::Command::new("node")
+        .arg(script)
+        .args([&query_url, &token, &instance])
+        .output()
+        .await
+        .expect("node runs (scripts/test.sh installs the client)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(answer["count"], 7, "{answer}");
+    let cubes = answer["cubes"].as_array().unwrap();
+    for cube in ["TrackedEvents", "Sessions", "ReturningUsers"] {
+        assert!(
+            cubes.iter().any(|name| name == cube),
+            "{cube} missing: {answer}"
+        );
+    }
+
+    // The same client with another instance's token and header reaches nothing of this one.
+    let other = new_instance();
+    let output = tokio::process::Command::new("node")
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cube-client/check.js"))
+        .args([&query_url, &issuer.token(&other), &other])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        !output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
