@@ -381,3 +381,95 @@ async fn cubes_own_client_works_against_a_projects_query_url() {
         String::from_utf8_lossy(&output.stdout)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_fragments_in_members_filters_and_sql_requests_stay_in_the_callers_database() {
+    let issuer = Issuer::start().await;
+    let gateway = Gateway::start(&[&issuer]).await;
+    let (a, b) = (new_instance(), new_instance());
+    let token_a = issuer.token(&a);
+    let (_, details_a) = gateway.onboard(&token_a, &a, 1).await;
+    let (_, details_b) = gateway.onboard(&issuer.token(&b), &b, 1).await;
+    let database_b = details_b["database"].as_str().unwrap().to_owned();
+    let mut secret = event("page_view", "u", "/");
+    secret["page_title"] = json!("SECRET_OF_TENANT_B");
+    insert_events(&database_b, &[secret]).await;
+    insert_events(
+        details_a["database"].as_str().unwrap(),
+        &[event("page_view", "u", "/")],
+    )
+    .await;
+
+    let other_table = format!("{database_b}.snowplow_events");
+    let hostile = [
+        json!({ "measures": [format!("TrackedEvents.count FROM {other_table} --")] }),
+        json!({ "dimensions": [format!("(SELECT page_title FROM {other_table})")] }),
+        json!({
+            "measures": ["TrackedEvents.count"],
+            "filters": [{ "member": "TrackedEvents.pageTitle", "operator": "equals",
+                          "values": [format!("x' OR 1=1 UNION ALL SELECT page_title FROM {other_table} --")] }],
+        }),
+        json!({
+            "measures": ["TrackedEvents.count"],
+            "segments": [format!("TrackedEvents.x; SELECT * FROM {other_table}")],
+        }),
+        json!({ "measures": ["TrackedEvents.count"], "order": { "TrackedEvents.count": "desc; DROP TABLE x" } }),
+    ];
+    for endpoint in ["load", "sql", "dry-run"] {
+        for query in &hostile {
+            let response = gateway
+                .api(
+                    Method::POST,
+                    &format!("/v1/product-analytics/projects/1/cubejs-api/v1/{endpoint}"),
+                    &token_a,
+                    &a,
+                )
+                .json(&json!({ "query": query }))
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            let text = response.text().await.unwrap();
+            assert!(
+                !text.contains("SECRET_OF_TENANT_B"),
+                "{endpoint} {query}: {text}"
+            );
+            // Generated SQL may echo a filter value as a bound parameter, never another database.
+            if endpoint != "load" {
+                assert!(
+                    !text.contains(&format!("FROM {other_table}\"")),
+                    "{endpoint} {query}: {text}"
+                );
+            }
+            assert!(
+                matches!(status, 200 | 400),
+                "{endpoint} {query}: {status} {text}"
+            );
+        }
+    }
+
+    // The filter value is data, not SQL: it matches no title, so nothing is counted.
+    let (status, body) = gateway.load(&token_a, &a, 1, hostile[2].clone()).await;
+    assert_eq!(
+        (status, member(&body, "TrackedEvents.count")),
+        (200, 0),
+        "{body}"
+    );
+    // The generated SQL of A names A's table only, unqualified, within A's database.
+    let response = gateway
+        .api(
+            Method::POST,
+            "/v1/product-analytics/projects/1/cubejs-api/v1/sql",
+            &token_a,
+            &a,
+        )
+        .json(&json!({ "query": { "measures": ["TrackedEvents.count"] } }))
+        .send()
+        .await
+        .unwrap();
+    let sql = response.text().await.unwrap();
+    assert!(
+        sql.contains("snowplow_events") && !sql.contains(&database_b),
+        "{sql}"
+    );
+}
