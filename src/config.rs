@@ -117,8 +117,45 @@ impl Settings {
         ] {
             check_http_url(key, value)?;
         }
-        if self.server.max_body_bytes == 0 {
-            return Err(invalid("server.max_body_bytes", "must be positive"));
+        let positive = [
+            ("server.max_body_bytes", self.server.max_body_bytes as u64),
+            (
+                "server.request_timeout_seconds",
+                self.server.request_timeout_seconds,
+            ),
+            (
+                "clickhouse.timeout_seconds",
+                self.clickhouse.timeout_seconds,
+            ),
+            ("cube.timeout_seconds", self.cube.timeout_seconds),
+            (
+                "cube.max_concurrent_queries",
+                self.cube.max_concurrent_queries as u64,
+            ),
+            (
+                "tenants.call_timeout_seconds",
+                self.tenants.call_timeout_seconds,
+            ),
+            ("tenants.max_projects", self.tenants.max_projects as u64),
+            (
+                "tenants.idle_timeout_seconds",
+                self.tenants.idle_timeout_seconds,
+            ),
+            (
+                "tenants.purge_interval_seconds",
+                self.tenants.purge_interval_seconds,
+            ),
+            ("tenants.query_burst", u64::from(self.tenants.query_burst)),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, value)| *value == 0) {
+            return Err(invalid(*key, "must be positive"));
+        }
+        let rate = self.tenants.query_rate_per_second;
+        if !(rate.is_finite() && rate > 0.0) {
+            return Err(invalid(
+                "tenants.query_rate_per_second",
+                "must be a positive number",
+            ));
         }
         if !is_identifier(&self.clickhouse.database) {
             return Err(invalid(
@@ -267,6 +304,21 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("auth.issuers[0].jwks_url")
+        );
+
+        std::fs::write(&path, "[tenants]\nquery_rate_per_second = -1.0\n").unwrap();
+        assert!(
+            Settings::load(Some(&path))
+                .unwrap_err()
+                .to_string()
+                .contains("query_rate")
+        );
+        std::fs::write(&path, "[tenants]\ncall_timeout_seconds = 0\n").unwrap();
+        assert!(
+            Settings::load(Some(&path))
+                .unwrap_err()
+                .to_string()
+                .contains("call_timeout")
         );
 
         std::fs::write(&path, "[server]\nlisten_typo = 1\n").unwrap();

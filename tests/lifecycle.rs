@@ -268,6 +268,8 @@ async fn usage_counts_the_events_of_a_month_exactly() {
         assert_eq!(body["events"], expected, "{year}-{month}: {body}");
     }
     for query in [
+        "?year=2026&month=1&month=2",
+        "?year=2026&year=2025&month=1",
         "",
         "?year=2026",
         "?year=2026&month=13",
@@ -532,4 +534,111 @@ async fn clickhouse_lost_during_onboarding_answers_503_and_the_next_attempt_fini
         ))
         .await;
     assert_eq!(statuses.trim(), "ready\t11");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_whose_write_timed_out_never_lets_the_purge_take_a_project_onboarded_again() {
+    let clickhouse = common::PrivateClickHouse::start().await;
+    let issuer = Issuer::start().await;
+    let options = GatewayOptions::new(&[&issuer])
+        .env("CLICKHOUSE__URL", clickhouse.url())
+        .env("CLICKHOUSE__TIMEOUT_SECONDS", 1)
+        .env("TENANTS__DEPROVISION_GRACE_SECONDS", 1)
+        .env("TENANTS__PURGE_INTERVAL_SECONDS", 1)
+        .env("TENANTS__IDLE_TIMEOUT_SECONDS", 1);
+    let gateway = Gateway::start_with(options).await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+    let (status, details) = gateway.onboard(&token, &instance, 1).await;
+    assert_eq!(status, 201);
+    let database = details["database"].as_str().unwrap().to_owned();
+
+    // ClickHouse hangs: the DELETE times out, but its INSERT is buffered and lands later.
+    clickhouse.freeze(true);
+    let (status, _) = gateway
+        .call(Method::DELETE, project_path(1), &token, &instance)
+        .await;
+    assert_eq!(status, 503);
+    clickhouse.freeze(false);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The instance still wants the project: onboarding settles the registry.
+    let (status, body) = gateway
+        .call(Method::PUT, project_path(1), &token, &instance)
+        .await;
+    assert!(matches!(status, 200 | 201), "{status} {body}");
+    assert_eq!(body["status"], "ready");
+
+    // Past grace period, purge interval and idle timeout, the project and its data remain.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (status, shown) = gateway
+        .call(Method::GET, project_path(1), &token, &instance)
+        .await;
+    assert_eq!(
+        (status, shown["status"].as_str()),
+        (200, Some("ready")),
+        "{shown}"
+    );
+    let exists = clickhouse
+        .query(&format!("EXISTS TABLE {database}.snowplow_events"))
+        .await;
+    assert_eq!(exists.trim(), "1");
+    let key = details["tenant_key"].as_str().unwrap();
+    let status = clickhouse
+        .query(&format!(
+            "SELECT status FROM monitor_gateway.projects FINAL WHERE tenant_key = '{key}'"
+        ))
+        .await;
+    assert_eq!(status.trim(), "ready");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_whose_write_was_lost_is_written_again_when_repeated() {
+    let mut clickhouse = common::PrivateClickHouse::start().await;
+    let issuer = Issuer::start().await;
+    let options = GatewayOptions::new(&[&issuer])
+        .env("CLICKHOUSE__URL", clickhouse.url())
+        .env("CLICKHOUSE__TIMEOUT_SECONDS", 1)
+        .env("TENANTS__IDLE_TIMEOUT_SECONDS", 1);
+    let gateway = Gateway::start_with(options).await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+    let (_, details) = gateway.onboard(&token, &instance, 1).await;
+
+    // The DELETE times out and ClickHouse dies before committing it: the write is lost.
+    clickhouse.freeze(true);
+    let (status, _) = gateway
+        .call(Method::DELETE, project_path(1), &token, &instance)
+        .await;
+    assert_eq!(status, 503);
+    clickhouse.kill();
+    clickhouse.resume().await;
+
+    // Repeating the DELETE must write it, even though the gateway already holds it as done.
+    let (status, body) = gateway
+        .call(Method::DELETE, project_path(1), &token, &instance)
+        .await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("deprovisioned")),
+        "{body}"
+    );
+    let key = details["tenant_key"].as_str().unwrap();
+    let recorded = clickhouse
+        .query(&format!(
+            "SELECT status FROM monitor_gateway.projects FINAL WHERE tenant_key = '{key}'"
+        ))
+        .await;
+    assert_eq!(recorded.trim(), "deprovisioned");
+
+    // After the tenant reloads from the registry, the project is still deprovisioned.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (status, shown) = gateway
+        .call(Method::GET, project_path(1), &token, &instance)
+        .await;
+    assert_eq!(
+        (status, shown["status"].as_str()),
+        (200, Some("deprovisioned")),
+        "{shown}"
+    );
 }

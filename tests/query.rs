@@ -236,6 +236,19 @@ async fn time_zones_cannot_carry_sql_into_another_tenants_database() {
             .contains("SECRET_OF_TENANT_B")
     );
 
+    // Cube's own parser reads bracket parameters the gateway would not see: refused.
+    let bracketed = format!(
+        "{path}?query[measures][0]=TrackedEvents.count&query[timezone]=UTC%27&query=%7B%7D"
+    );
+    let response = gateway
+        .api(Method::GET, &bracketed, &token_a, &a)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_query");
+
     let (status, body) = gateway
         .load(&token_a, &a, 1, query("America/New_York"))
         .await;

@@ -123,6 +123,9 @@ impl HousekeeperArgs {
             }
         }
 
+        // Databases first: a project onboarded between the two reads is then registered by the
+        // time the registry is read, instead of looking unregistered.
+        let databases = self.registry.tenant_databases().await?;
         let registered: HashSet<String> = self
             .registry
             .registered_tenant_keys()
@@ -130,10 +133,7 @@ impl HousekeeperArgs {
             .into_iter()
             .map(|key| format!("gitlab_project_{key}"))
             .collect();
-        report.unregistered_databases = self
-            .registry
-            .tenant_databases()
-            .await?
+        report.unregistered_databases = databases
             .into_iter()
             .filter(|database| !registered.contains(database))
             .collect();

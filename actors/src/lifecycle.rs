@@ -1,41 +1,81 @@
 //! The steps of a project's lifecycle, each a function of the project's current record that
 //! returns its outcome and the record to remember afterwards. Every step is safe to repeat, so
 //! an attempt cut short by a crash or an outage is finished by the next one.
+//!
+//! A registry write that failed may still land later (ClickHouse can commit an INSERT whose
+//! answer timed out). So a failed write leaves its record remembered as *uncertain*: the tenant
+//! keeps the state it tried to write, and the project's next change writes its state again
+//! with a higher version, which supersedes whatever arrived meanwhile.
 
 use tracing::{info, warn};
 
-use crate::registry::{ProjectRecord, ProjectStatus, Registry};
+use crate::registry::{ProjectRecord, ProjectStatus, Registry, RegistryError};
 use crate::tenancy::{InstanceId, ProjectId};
 use crate::tenant::{Onboarded, TenantError};
 
-/// An outcome, and the record the tenant should remember (None: unchanged).
-pub type Step<T> = (Result<T, TenantError>, Option<ProjectRecord>);
+/// What a step answers, and what the tenant should remember of the project afterwards.
+pub struct Step<T> {
+    pub outcome: Result<T, TenantError>,
+    /// The record to remember; None leaves the remembered one as it is.
+    pub record: Option<ProjectRecord>,
+    /// A registry write failed, so the registry may or may not hold `record`.
+    pub uncertain: bool,
+}
+
+impl<T> Step<T> {
+    fn done(outcome: Result<T, TenantError>, record: Option<ProjectRecord>) -> Self {
+        Self {
+            outcome,
+            record,
+            uncertain: false,
+        }
+    }
+
+    /// A write of `record` failed; its outcome is unknown.
+    fn unknown(err: RegistryError, record: ProjectRecord) -> Self {
+        Self {
+            outcome: Err(err.into()),
+            record: Some(record),
+            uncertain: true,
+        }
+    }
+}
 
 /// Moves the project through `provisioning` to `ready`, resuming wherever a previous attempt
 /// stopped. A deprovisioned project comes back with its data; a purged one starts empty.
+/// `uncertain` says the remembered record may not be what the registry holds.
 pub async fn onboard(
     registry: &Registry,
     instance: &InstanceId,
     project: ProjectId,
     current: Option<ProjectRecord>,
+    uncertain: bool,
 ) -> Step<Onboarded> {
     if let Some(record) = current
         .as_ref()
         .filter(|r| r.status == ProjectStatus::Ready)
     {
-        return (repair(registry, record).await, None);
+        if !uncertain {
+            return Step::done(repair(registry, record).await, None);
+        }
+        let ready = record.with_status(ProjectStatus::Ready);
+        if let Err(err) = registry.record(&ready).await {
+            return Step::unknown(err, ready);
+        }
+        let outcome = repair(registry, &ready).await;
+        return Step::done(outcome, Some(ready));
     }
 
     let provisioning = match current {
-        Some(record) if record.status == ProjectStatus::Provisioning => record,
-        Some(record) if record.status == ProjectStatus::Deprovisioned => {
+        Some(record) if record.status == ProjectStatus::Provisioning && !uncertain => record,
+        Some(record) if record.status != ProjectStatus::Purged => {
             record.with_status(ProjectStatus::Provisioning)
         }
         Some(purged) => purged.reborn(),
         None => ProjectRecord::new(instance.clone(), project),
     };
     if let Err(err) = registry.record(&provisioning).await {
-        return (Err(err.into()), None);
+        return Step::unknown(err, provisioning);
     }
 
     if let Err(err) = registry
@@ -43,11 +83,11 @@ pub async fn onboard(
         .await
     {
         warn!(error = %err, "tenant database creation failed; the project stays provisioning");
-        return (Err(err.into()), Some(provisioning));
+        return Step::done(Err(err.into()), Some(provisioning));
     }
     let ready = provisioning.with_status(ProjectStatus::Ready);
     if let Err(err) = registry.record(&ready).await {
-        return (Err(err.into()), Some(provisioning));
+        return Step::unknown(err, ready);
     }
 
     info!(tenant_key = %ready.tenant_key, "project onboarded");
@@ -56,7 +96,7 @@ pub async fn onboard(
         project: ready.clone(),
         created: true,
     };
-    (Ok(onboarded), Some(ready))
+    Step::done(Ok(onboarded), Some(ready))
 }
 
 /// A ready project whose table vanished (a restored or emptied server) gets it back; this
@@ -78,36 +118,45 @@ pub async fn deprovision(
     registry: &Registry,
     project: ProjectId,
     current: Option<ProjectRecord>,
+    uncertain: bool,
 ) -> Step<ProjectRecord> {
     let record = match current {
-        Some(record) if record.status == ProjectStatus::Deprovisioned => return (Ok(record), None),
+        Some(record) if record.status == ProjectStatus::Deprovisioned && !uncertain => {
+            return Step::done(Ok(record), None);
+        }
         Some(record) if record.status != ProjectStatus::Purged => record,
-        _ => return (Err(TenantError::NotOnboarded(project)), None),
+        _ => return Step::done(Err(TenantError::NotOnboarded(project)), None),
     };
     let deprovisioned = record.with_status(ProjectStatus::Deprovisioned);
     if let Err(err) = registry.record(&deprovisioned).await {
-        return (Err(err.into()), None);
+        return Step::unknown(err, deprovisioned);
     }
     info!(tenant_key = %deprovisioned.tenant_key, "project deprovisioned");
     metrics::counter!("monitor_gateway_projects_deprovisioned_total").increment(1);
-    (Ok(deprovisioned.clone()), Some(deprovisioned))
+    Step::done(Ok(deprovisioned.clone()), Some(deprovisioned))
 }
 
 /// Drops the database of a project deprovisioned before `cutoff`; false when it is not due.
-pub async fn purge(registry: &Registry, current: Option<ProjectRecord>, cutoff: u32) -> Step<bool> {
+/// A project whose state is uncertain is never purged until a change has settled it.
+pub async fn purge(
+    registry: &Registry,
+    current: Option<ProjectRecord>,
+    cutoff: u32,
+    uncertain: bool,
+) -> Step<bool> {
     let due = current
         .filter(|r| r.status == ProjectStatus::Deprovisioned && r.deprovisioned_at <= cutoff);
-    let Some(record) = due else {
-        return (Ok(false), None);
+    let Some(record) = due.filter(|_| !uncertain) else {
+        return Step::done(Ok(false), None);
     };
     if let Err(err) = registry.drop_tenant_database(&record.tenant_key).await {
-        return (Err(err.into()), None);
+        return Step::done(Err(err.into()), None);
     }
     let purged = record.with_status(ProjectStatus::Purged);
     if let Err(err) = registry.record(&purged).await {
-        return (Err(err.into()), None);
+        return Step::unknown(err, purged);
     }
     info!(tenant_key = %record.tenant_key, "project purged after its grace period");
     metrics::counter!("monitor_gateway_projects_purged_total").increment(1);
-    (Ok(true), Some(purged))
+    Step::done(Ok(true), Some(purged))
 }

@@ -344,43 +344,70 @@ impl QueryState {
     }
 }
 
-/// Checks what a `load`, `sql` or `dry-run` request asks before it goes to Cube. Cube 0.33 pastes
-/// a query's `timezone` into SQL unescaped, so only plain zone names may pass; the Cube
-/// configuration checks the same again.
+/// Checks what a `load`, `sql` or `dry-run` request asks before it goes to Cube. Cube 0.33
+/// pastes a query's `timezone` into SQL unescaped, so only plain zone names may pass; the Cube
+/// configuration checks the same again. For GET, it returns the query string to forward, built
+/// from the checked values alone, so Cube never parses anything the gateway did not check.
 pub fn check_request(
     endpoint: CubeEndpoint,
     post: bool,
     body: &[u8],
     query_string: Option<&str>,
-) -> Result<(), QueryError> {
-    if endpoint == CubeEndpoint::Meta {
-        return Ok(());
-    }
+) -> Result<Option<String>, QueryError> {
     let invalid = |what: &str| QueryError::InvalidQuery(what.to_owned());
-    let query = if post {
+    if endpoint == CubeEndpoint::Meta {
+        return Ok(None);
+    }
+    if post {
         let body: serde_json::Value =
             serde_json::from_slice(body).map_err(|_| invalid("the request body is not JSON"))?;
-        body.get("query").cloned()
-    } else {
-        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query_string.unwrap_or(""))
-            .map_err(|_| invalid("the query string is malformed"))?;
-        let text = pairs
-            .into_iter()
-            .find(|(name, _)| name == "query")
-            .map(|(_, value)| value);
-        text.map(serde_json::Value::String)
-    };
-    let Some(query) = query else {
-        return Err(invalid("a query is required"));
-    };
-    // Cube accepts the query as JSON or as a string holding JSON.
-    let query = match query {
-        serde_json::Value::String(text) => {
-            serde_json::from_str(&text).map_err(|_| invalid("the query is not valid JSON"))?
+        let query = body
+            .get("query")
+            .cloned()
+            .ok_or_else(|| invalid("a query is required"))?;
+        check_timezones(&parse_query(query)?)?;
+        return Ok(None);
+    }
+
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query_string.unwrap_or(""))
+        .map_err(|_| invalid("the query string is malformed"))?;
+    let (mut query, mut query_type) = (None, None);
+    for (name, value) in pairs {
+        let slot = match name.as_str() {
+            "query" => &mut query,
+            "queryType" => &mut query_type,
+            _ => {
+                return Err(invalid(
+                    "only the query and queryType parameters are accepted",
+                ));
+            }
+        };
+        if slot.replace(value).is_some() {
+            return Err(invalid("each parameter may be given once"));
         }
-        other => other,
-    };
-    check_timezones(&query)
+    }
+    let query = parse_query(serde_json::Value::String(
+        query.ok_or_else(|| invalid("a query is required"))?,
+    ))?;
+    check_timezones(&query)?;
+    if query_type.as_deref().is_some_and(|kind| kind != "multi") {
+        return Err(invalid("queryType may only be multi"));
+    }
+
+    let mut forwarded = vec![("query", query.to_string())];
+    forwarded.extend(query_type.map(|kind| ("queryType", kind)));
+    let encoded =
+        serde_urlencoded::to_string(forwarded).map_err(|_| invalid("unencodable query"))?;
+    Ok(Some(encoded))
+}
+
+/// Cube accepts the query as JSON or as a string holding JSON.
+fn parse_query(query: serde_json::Value) -> Result<serde_json::Value, QueryError> {
+    match query {
+        serde_json::Value::String(text) => serde_json::from_str(&text)
+            .map_err(|_| QueryError::InvalidQuery("the query is not valid JSON".to_owned())),
+        other => Ok(other),
+    }
 }
 
 fn check_timezones(query: &serde_json::Value) -> Result<(), QueryError> {
@@ -547,6 +574,18 @@ mod tests {
         assert!(get("query=%7B%22timezone%22%3A%22UTC%22%7D").is_ok());
         assert!(get("query=%7B%22timezone%22%3A%22UTC%27%22%7D").is_err());
         assert!(get("queryType=multi").is_err());
+        assert!(get("query=%7B%7D&query=%7B%7D").is_err(), "duplicate query");
+        assert!(
+            get("query[timezone]=x&query=%7B%7D").is_err(),
+            "bracket parameters"
+        );
+        assert!(get("query=%7B%7D&j0=1").is_err(), "unknown parameters");
+        assert_eq!(
+            get("query=%7B%22timezone%22%3A%22UTC%22%7D&queryType=multi")
+                .unwrap()
+                .as_deref(),
+            Some("query=%7B%22timezone%22%3A%22UTC%22%7D&queryType=multi")
+        );
         assert!(check_request(CubeEndpoint::Load, true, b"not json", None).is_err());
         assert!(check_request(CubeEndpoint::Meta, false, b"", None).is_ok());
     }

@@ -78,8 +78,9 @@ pub enum TenantMsg {
     Projects(RpcReplyPort<Result<Vec<ProjectRecord>, TenantError>>),
     /// Events stored in a month.
     Usage(ProjectId, u16, u8, RpcReplyPort<Result<u64, TenantError>>),
-    /// A change to a project finished; the record to remember, if it changed.
-    ChangeDone(ProjectId, Option<ProjectRecord>),
+    /// A change to a project finished: the record to remember (if it changed), and whether a
+    /// registry write of unknown outcome makes it uncertain.
+    ChangeDone(ProjectId, Option<ProjectRecord>, bool),
     /// Sent by the supervisor's sweep: stop when nothing happened for the idle timeout.
     IdleCheck,
 }
@@ -108,6 +109,9 @@ pub struct TenantState {
     running: HashSet<ProjectId>,
     /// Changes waiting for the running one of their project.
     waiting: HashMap<ProjectId, VecDeque<Change>>,
+    /// Projects whose last registry write has an unknown outcome; their next change writes
+    /// their state again, and they are not purged meanwhile.
+    uncertain: HashSet<ProjectId>,
     /// New projects being onboarded, counted against the quota before they are recorded.
     reserved: HashSet<ProjectId>,
     /// The instance's query rate limit.
@@ -133,6 +137,7 @@ impl Actor for TenantActor {
             projects: BTreeMap::new(),
             running: HashSet::new(),
             waiting: HashMap::new(),
+            uncertain: HashSet::new(),
             reserved: HashSet::new(),
             queries: TokenBucket::new(
                 args.settings.query_rate_per_second,
@@ -177,7 +182,9 @@ impl Actor for TenantActor {
             TenantMsg::Purge(project, cutoff, reply) => {
                 state.enqueue(&myself, project, Change::Purge(cutoff, reply));
             }
-            TenantMsg::ChangeDone(project, record) => state.finish(&myself, project, record),
+            TenantMsg::ChangeDone(project, record, uncertain) => {
+                state.finish(&myself, project, record, uncertain);
+            }
             TenantMsg::ReadyProject(project, reply) => {
                 let _ = reply.send(state.ready_project(project));
             }
@@ -203,13 +210,22 @@ impl Actor for TenantActor {
             }
             TenantMsg::IdleCheck => {
                 let idle = Duration::from_secs(state.settings.idle_timeout_seconds);
-                if state.running.is_empty() && state.last_active.elapsed() >= idle {
+                // A project with a write of unknown outcome keeps the actor: reloading from the
+                // registry could miss a write that lands later.
+                let settled = state.running.is_empty() && state.uncertain.is_empty();
+                if settled && state.last_active.elapsed() >= idle {
                     myself.stop(Some("idle".to_owned()));
                 }
             }
         }
         Ok(())
     }
+}
+
+/// Tells the tenant what a finished change leaves behind, before the caller hears of it.
+fn report<T>(myself: &ActorRef<TenantMsg>, project: ProjectId, step: &lifecycle::Step<T>) {
+    let done = TenantMsg::ChangeDone(project, step.record.clone(), step.uncertain);
+    let _ = myself.send_message(done);
 }
 
 fn is_live(record: &ProjectRecord) -> bool {
@@ -231,9 +247,16 @@ impl TenantState {
         myself: &ActorRef<TenantMsg>,
         project: ProjectId,
         record: Option<ProjectRecord>,
+        uncertain: bool,
     ) {
         self.running.remove(&project);
         self.reserved.remove(&project);
+        if uncertain {
+            warn!(%project, "a registry write may or may not have landed; the next change rewrites it");
+            self.uncertain.insert(project);
+        } else if record.is_some() {
+            self.uncertain.remove(&project);
+        }
         if let Some(record) = record {
             self.projects.insert(project, record);
         }
@@ -292,27 +315,29 @@ impl TenantState {
         let registry = self.registry.clone();
         let instance = self.instance.clone();
         let current = self.projects.get(&project).cloned();
+        let uncertain = self.uncertain.contains(&project);
         let myself = myself.clone();
         let span = info_span!("project_change", instance = %instance, project = %project);
         tokio::spawn(
             async move {
                 match change {
                     Change::Onboard(reply) => {
-                        let (outcome, record) =
-                            lifecycle::onboard(&registry, &instance, project, current).await;
-                        let _ = myself.send_message(TenantMsg::ChangeDone(project, record));
-                        let _ = reply.send(outcome);
+                        let step =
+                            lifecycle::onboard(&registry, &instance, project, current, uncertain)
+                                .await;
+                        report(&myself, project, &step);
+                        let _ = reply.send(step.outcome);
                     }
                     Change::Deprovision(reply) => {
-                        let (outcome, record) =
-                            lifecycle::deprovision(&registry, project, current).await;
-                        let _ = myself.send_message(TenantMsg::ChangeDone(project, record));
-                        let _ = reply.send(outcome);
+                        let step =
+                            lifecycle::deprovision(&registry, project, current, uncertain).await;
+                        report(&myself, project, &step);
+                        let _ = reply.send(step.outcome);
                     }
                     Change::Purge(cutoff, reply) => {
-                        let (outcome, record) = lifecycle::purge(&registry, current, cutoff).await;
-                        let _ = myself.send_message(TenantMsg::ChangeDone(project, record));
-                        let _ = reply.send(outcome);
+                        let step = lifecycle::purge(&registry, current, cutoff, uncertain).await;
+                        report(&myself, project, &step);
+                        let _ = reply.send(step.outcome);
                     }
                 }
             }

@@ -3,15 +3,17 @@
 
 use actors::ErrorCode;
 use actors::query::{CubeEndpoint, CubeRequest, check_request};
+use actors::tenancy::ProjectId;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{FromRequestParts, RawQuery, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
 use super::error::ApiError;
-use super::projects::parse_project;
+use super::projects::{parse_project, path_params};
 use super::{AppState, Authenticated, request_id};
 
 pub fn routes() -> Router<AppState> {
@@ -21,17 +23,30 @@ pub fn routes() -> Router<AppState> {
     )
 }
 
+/// The path's project and Cube endpoint (one of Cube's REST endpoints, else 404).
+struct CubeTarget(ProjectId, CubeEndpoint);
+
+impl<S: Send + Sync> FromRequestParts<S> for CubeTarget {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        let params = path_params(parts).await?;
+        let get = |name: &str| params.get(name).map(String::as_str).unwrap_or_default();
+        let project = parse_project(get("project_id"))?;
+        let endpoint = CubeEndpoint::parse(get("endpoint")).ok_or_else(ApiError::not_found)?;
+        Ok(Self(project, endpoint))
+    }
+}
+
 async fn forward(
     State(state): State<AppState>,
     Authenticated(identity): Authenticated,
-    Path((project_id, endpoint)): Path<(String, String)>,
+    CubeTarget(project, endpoint): CubeTarget,
     method: Method,
     RawQuery(query_string): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let project = parse_project(&project_id)?;
-    let endpoint = CubeEndpoint::parse(&endpoint).ok_or_else(ApiError::not_found)?;
     let post = method == Method::POST;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -46,7 +61,7 @@ async fn forward(
     } else {
         bytes::Bytes::new()
     };
-    check_request(endpoint, post, &body, query_string.as_deref())?;
+    let query_string = check_request(endpoint, post, &body, query_string.as_deref())?;
 
     let record = state
         .tenants

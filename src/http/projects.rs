@@ -3,12 +3,15 @@
 use actors::ErrorCode;
 use actors::registry::ProjectRecord;
 use actors::tenancy::ProjectId;
-use axum::extract::{Path, Query, State};
+use std::collections::HashMap;
+
+use axum::extract::{FromRequestParts, Path, RawQuery, State};
 use axum::http::StatusCode;
+use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -80,6 +83,30 @@ pub fn parse_project(text: &str) -> Result<ProjectId, ApiError> {
         .map_err(|err| ApiError::new(ErrorCode::InvalidProjectId, err.to_string()))
 }
 
+/// The path's parameters, with a JSON error (not axum's plain text) when they are not UTF-8.
+pub async fn path_params(parts: &mut Parts) -> Result<HashMap<String, String>, ApiError> {
+    let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, &())
+        .await
+        .map_err(|_| ApiError::new(ErrorCode::InvalidProjectId, "the path is not valid UTF-8"))?;
+    Ok(params)
+}
+
+/// The `{project_id}` of the path, checked.
+pub struct ProjectParam(pub ProjectId);
+
+impl<S: Send + Sync> FromRequestParts<S> for ProjectParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        let params = path_params(parts).await?;
+        let text = params
+            .get("project_id")
+            .map(String::as_str)
+            .unwrap_or_default();
+        parse_project(text).map(Self)
+    }
+}
+
 /// A trailing slash with no id is a malformed project id, not an unknown route.
 async fn empty_project_id(Authenticated(_): Authenticated) -> ApiError {
     ApiError::new(ErrorCode::InvalidProjectId, "the project id is empty")
@@ -88,9 +115,8 @@ async fn empty_project_id(Authenticated(_): Authenticated) -> ApiError {
 async fn onboard(
     State(state): State<AppState>,
     Authenticated(identity): Authenticated,
-    Path(project_id): Path<String>,
+    ProjectParam(project): ProjectParam,
 ) -> Result<Response, ApiError> {
-    let project = parse_project(&project_id)?;
     let onboarded = state.tenants.onboard(&identity.instance, project).await?;
     let status = if onboarded.created {
         StatusCode::CREATED
@@ -104,9 +130,8 @@ async fn onboard(
 async fn details(
     State(state): State<AppState>,
     Authenticated(identity): Authenticated,
-    Path(project_id): Path<String>,
+    ProjectParam(project): ProjectParam,
 ) -> Result<Json<ConnectionDetails>, ApiError> {
-    let project = parse_project(&project_id)?;
     let record = state.tenants.project(&identity.instance, project).await?;
     Ok(Json(ConnectionDetails::new(&record, &state.public_url)))
 }
@@ -131,20 +156,13 @@ async fn list(
 async fn deprovision(
     State(state): State<AppState>,
     Authenticated(identity): Authenticated,
-    Path(project_id): Path<String>,
+    ProjectParam(project): ProjectParam,
 ) -> Result<Json<ConnectionDetails>, ApiError> {
-    let project = parse_project(&project_id)?;
     let record = state
         .tenants
         .deprovision(&identity.instance, project)
         .await?;
     Ok(Json(ConnectionDetails::new(&record, &state.public_url)))
-}
-
-#[derive(Deserialize)]
-struct UsageQuery {
-    year: Option<String>,
-    month: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -158,29 +176,10 @@ struct Usage {
 async fn usage(
     State(state): State<AppState>,
     Authenticated(identity): Authenticated,
-    Path(project_id): Path<String>,
-    Query(query): Query<UsageQuery>,
+    ProjectParam(project): ProjectParam,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<Usage>, ApiError> {
-    let project = parse_project(&project_id)?;
-    let invalid = || {
-        ApiError::new(
-            ErrorCode::InvalidRequest,
-            "usage needs year (1970-2105) and month (1-12) as query parameters",
-        )
-    };
-    let year: u16 = query
-        .year
-        .as_deref()
-        .and_then(|y| y.parse().ok())
-        .ok_or_else(invalid)?;
-    let month: u8 = query
-        .month
-        .as_deref()
-        .and_then(|m| m.parse().ok())
-        .ok_or_else(invalid)?;
-    if !(1970..=2105).contains(&year) || !(1..=12).contains(&month) {
-        return Err(invalid());
-    }
+    let (year, month) = usage_period(query.as_deref())?;
     let events = state
         .tenants
         .usage(&identity.instance, project, year, month)
@@ -191,4 +190,32 @@ async fn usage(
         month,
         events,
     }))
+}
+
+/// `year` (1970-2105) and `month` (1-12), each exactly once.
+fn usage_period(query: Option<&str>) -> Result<(u16, u8), ApiError> {
+    let invalid = || {
+        ApiError::new(
+            ErrorCode::InvalidRequest,
+            "usage needs year (1970-2105) and month (1-12), once each, as query parameters",
+        )
+    };
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(query.unwrap_or_default()).map_err(|_| invalid())?;
+    let single = |name: &str| {
+        let mut values = pairs
+            .iter()
+            .filter(|(key, _)| key == name)
+            .map(|(_, value)| value);
+        match (values.next(), values.next()) {
+            (Some(value), None) => Ok(value.as_str()),
+            _ => Err(invalid()),
+        }
+    };
+    let year: u16 = single("year")?.parse().map_err(|_| invalid())?;
+    let month: u8 = single("month")?.parse().map_err(|_| invalid())?;
+    if !(1970..=2105).contains(&year) || !(1..=12).contains(&month) {
+        return Err(invalid());
+    }
+    Ok((year, month))
 }

@@ -467,9 +467,24 @@ impl PrivateClickHouse {
         }
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the server: a hung server that still accepts
+    /// connections and buffers what it is sent.
+    pub fn freeze(&self, frozen: bool) {
+        let pid = self.server.as_ref().expect("the server runs").id();
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     /// Kills the server outright, as a crash or a lost host would.
     pub fn kill(&mut self) {
         if let Some(mut server) = self.server.take() {
+            let _ = Command::new("kill")
+                .args(["-CONT", &server.id().to_string()])
+                .status();
             let _ = server.kill();
             let _ = server.wait();
         }

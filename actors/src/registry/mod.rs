@@ -325,6 +325,10 @@ impl Registry {
         year: u16,
         month: u8,
     ) -> Result<u64, RegistryError> {
+        // A project still provisioning, or purged a moment ago, has no events to count.
+        if !self.events_table_exists(tenant_key).await? {
+            return Ok(0);
+        }
         let database = tenant_key.database();
         let sql = format!(
             "SELECT count() FROM {database}.snowplow_events WHERE toYYYYMM(collector_tstamp) = ?"
