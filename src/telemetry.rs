@@ -11,6 +11,11 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// Registry rows per INSERT.
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1000.0,
+];
+
 pub fn init_logs(settings: &LogSettings) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(&settings.level).context("log.level")?;
     let builder = tracing_subscriber::fmt()
@@ -33,8 +38,13 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
             Matcher::Suffix("_duration_seconds".to_owned()),
             LATENCY_BUCKETS,
         )?
+        .set_buckets_for_metric(
+            Matcher::Full("monitor_gateway_registry_batch_rows".to_owned()),
+            BATCH_BUCKETS,
+        )?
         .install_recorder()?;
     describe();
+    register_at_zero();
     Ok(handle)
 }
 
@@ -111,4 +121,34 @@ fn describe() {
         "monitor_gateway_actor_failures_total",
         "Supervised actor failures by actor"
     );
+}
+
+/// Series that only move on trouble exist from the start, so dashboards and alerts see 0
+/// rather than no data.
+fn register_at_zero() {
+    for counter in [
+        "monitor_gateway_queries_shed_total",
+        "monitor_gateway_quota_refusals_total",
+        "monitor_gateway_projects_onboarded_total",
+        "monitor_gateway_projects_deprovisioned_total",
+        "monitor_gateway_projects_purged_total",
+    ] {
+        metrics::counter!(counter).absolute(0);
+    }
+    for upstream in ["clickhouse", "cube"] {
+        metrics::counter!("monitor_gateway_upstream_errors_total", "upstream" => upstream)
+            .absolute(0);
+    }
+    for actor in [
+        "tenant",
+        "issuer",
+        "keys",
+        "tenants",
+        "query-dispatcher",
+        "housekeeper",
+    ] {
+        metrics::counter!("monitor_gateway_actor_failures_total", "actor" => actor).absolute(0);
+    }
+    metrics::gauge!("monitor_gateway_tenant_actors").set(0.0);
+    metrics::gauge!("monitor_gateway_unregistered_databases").set(0.0);
 }

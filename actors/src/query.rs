@@ -247,8 +247,22 @@ struct CubeError {
 }
 
 impl QueryState {
-    /// Cube's answer, asked again while it says "Continue wait" if the caller wants to wait.
+    /// Cube's answer; Cube failing is counted.
     async fn answer(
+        &self,
+        request: CubeRequest,
+        ticket: AdmissionTicket,
+    ) -> Result<CubeResponse, QueryError> {
+        let answer = self.answer_waiting(request, ticket).await;
+        if let Err(QueryError::Upstream(_) | QueryError::Timeout) = &answer {
+            metrics::counter!("monitor_gateway_upstream_errors_total", "upstream" => "cube")
+                .increment(1);
+        }
+        answer
+    }
+
+    /// Cube's answer, asked again while it says "Continue wait" if the caller wants to wait.
+    async fn answer_waiting(
         &self,
         request: CubeRequest,
         ticket: AdmissionTicket,
