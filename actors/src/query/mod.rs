@@ -12,8 +12,14 @@ use tracing::{debug, warn};
 use crate::code::ErrorCode;
 use crate::registry::ProjectRecord;
 use crate::results::{CacheKey, ResultCache, is_continue_wait};
+
+mod admission;
+mod checks;
+
 use crate::settings::CubeSettings;
 use crate::signer::Signer;
+pub use admission::{Admission, AdmissionTicket};
+pub use checks::check_request;
 
 pub const QUERY_DISPATCHER: &str = "query-dispatcher";
 
@@ -125,65 +131,6 @@ pub struct QueryState {
     signer: Arc<Signer>,
     admission: Arc<Admission>,
     results: Option<Arc<ResultCache>>,
-}
-
-/// Bounds the work handed to Cube: `running` requests at once, and room for `queued` more to
-/// wait; anything beyond is refused at once instead of piling up in memory.
-pub struct Admission {
-    running: tokio::sync::Semaphore,
-    admitted: std::sync::atomic::AtomicUsize,
-    capacity: usize,
-}
-
-impl Admission {
-    pub fn new(running: usize, queued: usize) -> Self {
-        let running = running.max(1);
-        Self {
-            running: tokio::sync::Semaphore::new(running),
-            admitted: std::sync::atomic::AtomicUsize::new(0),
-            capacity: running + queued,
-        }
-    }
-
-    /// A place among the admitted requests, or None when running and queue are full.
-    pub fn enter(self: &Arc<Self>) -> Option<AdmissionTicket> {
-        use std::sync::atomic::Ordering;
-        let entered = self
-            .admitted
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.capacity).then_some(n + 1)
-            })
-            .is_ok();
-        entered.then(|| AdmissionTicket {
-            admission: self.clone(),
-        })
-    }
-}
-
-/// Held while a request is queued or running; leaving frees its place.
-pub struct AdmissionTicket {
-    admission: Arc<Admission>,
-}
-
-impl AdmissionTicket {
-    /// Waits for a running slot.
-    pub async fn run<T>(&self, work: impl std::future::Future<Output = T>) -> T {
-        let _slot = self
-            .admission
-            .running
-            .acquire()
-            .await
-            .expect("the semaphore is never closed");
-        work.await
-    }
-}
-
-impl Drop for AdmissionTicket {
-    fn drop(&mut self) {
-        self.admission
-            .admitted
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
 }
 
 impl Actor for QueryDispatcher {
@@ -358,99 +305,6 @@ impl QueryState {
     }
 }
 
-/// Checks what a `load`, `sql` or `dry-run` request asks before it goes to Cube. Cube 0.33
-/// pastes a query's `timezone` into SQL unescaped, so only plain zone names may pass; the Cube
-/// configuration checks the same again. For GET, it returns the query string to forward, built
-/// from the checked values alone, so Cube never parses anything the gateway did not check.
-pub fn check_request(
-    endpoint: CubeEndpoint,
-    post: bool,
-    body: &[u8],
-    query_string: Option<&str>,
-) -> Result<Option<String>, QueryError> {
-    let invalid = |what: &str| QueryError::InvalidQuery(what.to_owned());
-    if endpoint == CubeEndpoint::Meta {
-        return Ok(None);
-    }
-    if post {
-        let body: serde_json::Value =
-            serde_json::from_slice(body).map_err(|_| invalid("the request body is not JSON"))?;
-        let query = body
-            .get("query")
-            .cloned()
-            .ok_or_else(|| invalid("a query is required"))?;
-        check_timezones(&parse_query(query)?)?;
-        return Ok(None);
-    }
-
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query_string.unwrap_or(""))
-        .map_err(|_| invalid("the query string is malformed"))?;
-    let (mut query, mut query_type) = (None, None);
-    for (name, value) in pairs {
-        let slot = match name.as_str() {
-            "query" => &mut query,
-            "queryType" => &mut query_type,
-            _ => {
-                return Err(invalid(
-                    "only the query and queryType parameters are accepted",
-                ));
-            }
-        };
-        if slot.replace(value).is_some() {
-            return Err(invalid("each parameter may be given once"));
-        }
-    }
-    let query = parse_query(serde_json::Value::String(
-        query.ok_or_else(|| invalid("a query is required"))?,
-    ))?;
-    check_timezones(&query)?;
-    if query_type.as_deref().is_some_and(|kind| kind != "multi") {
-        return Err(invalid("queryType may only be multi"));
-    }
-
-    let mut forwarded = vec![("query", query.to_string())];
-    forwarded.extend(query_type.map(|kind| ("queryType", kind)));
-    let encoded =
-        serde_urlencoded::to_string(forwarded).map_err(|_| invalid("unencodable query"))?;
-    Ok(Some(encoded))
-}
-
-/// Cube accepts the query as JSON or as a string holding JSON.
-fn parse_query(query: serde_json::Value) -> Result<serde_json::Value, QueryError> {
-    match query {
-        serde_json::Value::String(text) => serde_json::from_str(&text)
-            .map_err(|_| QueryError::InvalidQuery("the query is not valid JSON".to_owned())),
-        other => Ok(other),
-    }
-}
-
-fn check_timezones(query: &serde_json::Value) -> Result<(), QueryError> {
-    match query {
-        serde_json::Value::Array(queries) => queries.iter().try_for_each(check_timezones),
-        serde_json::Value::Object(fields) => match fields.get("timezone") {
-            None => Ok(()),
-            Some(serde_json::Value::String(zone)) if is_zone_name(zone) => Ok(()),
-            Some(_) => Err(QueryError::InvalidQuery(
-                "timezone must be an IANA time zone name such as \"UTC\" or \"Europe/Berlin\""
-                    .to_owned(),
-            )),
-        },
-        _ => Err(QueryError::InvalidQuery(
-            "the query must be a JSON object".to_owned(),
-        )),
-    }
-}
-
-/// `Area/Location` shapes: letters first, then letters, digits, `_`, `+`, `-` and `/`.
-fn is_zone_name(zone: &str) -> bool {
-    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '+' | '-' | '/');
-    (1..=64).contains(&zone.len())
-        && zone.starts_with(|c: char| c.is_ascii_alphabetic())
-        && zone.chars().all(allowed)
-        && !zone.contains("//")
-        && !zone.ends_with('/')
-}
-
 /// Cube reports query mistakes and database errors alike as an `{"error": ...}` body.
 fn classify_error(status: u16, body: &[u8]) -> QueryError {
     let message = serde_json::from_slice::<CubeError>(body)
@@ -546,75 +400,6 @@ mod tests {
         assert!(
             matches!(classify_error(400, refused), QueryError::Upstream(m) if !m.contains("127.0.0.1"))
         );
-    }
-
-    #[test]
-    fn only_plain_time_zone_names_reach_cube() {
-        let post = |query: serde_json::Value| {
-            let body = serde_json::json!({ "query": query }).to_string();
-            check_request(CubeEndpoint::Load, true, body.as_bytes(), None)
-        };
-        for zone in [
-            "UTC",
-            "Europe/Berlin",
-            "America/Argentina/Buenos_Aires",
-            "Etc/GMT+5",
-        ] {
-            assert!(
-                post(serde_json::json!({ "timezone": zone })).is_ok(),
-                "{zone}"
-            );
-        }
-        for zone in [
-            "UTC'), evil",
-            "UTC' --",
-            "",
-            "/etc",
-            "a//b",
-            "Europe/",
-            "1UTC",
-            "Europe/Berlin\n",
-        ] {
-            assert!(
-                post(serde_json::json!({ "timezone": zone })).is_err(),
-                "{zone:?}"
-            );
-        }
-        assert!(post(serde_json::json!({ "timezone": 5 })).is_err());
-        assert!(post(serde_json::json!([{ "timezone": "UTC" }, { "timezone": "x'y" }])).is_err());
-        assert!(post(serde_json::json!("{\"timezone\": \"x'y\"}")).is_err());
-
-        let get = |query: &str| check_request(CubeEndpoint::Load, false, b"", Some(query));
-        assert!(get("query=%7B%22timezone%22%3A%22UTC%22%7D").is_ok());
-        assert!(get("query=%7B%22timezone%22%3A%22UTC%27%22%7D").is_err());
-        assert!(get("queryType=multi").is_err());
-        assert!(get("query=%7B%7D&query=%7B%7D").is_err(), "duplicate query");
-        assert!(
-            get("query[timezone]=x&query=%7B%7D").is_err(),
-            "bracket parameters"
-        );
-        assert!(get("query=%7B%7D&j0=1").is_err(), "unknown parameters");
-        assert_eq!(
-            get("query=%7B%22timezone%22%3A%22UTC%22%7D&queryType=multi")
-                .unwrap()
-                .as_deref(),
-            Some("query=%7B%22timezone%22%3A%22UTC%22%7D&queryType=multi")
-        );
-        assert!(check_request(CubeEndpoint::Load, true, b"not json", None).is_err());
-        assert!(check_request(CubeEndpoint::Meta, false, b"", None).is_ok());
-    }
-
-    #[tokio::test]
-    async fn admission_sheds_beyond_running_and_queued() {
-        let admission = Arc::new(Admission::new(1, 1));
-        let first = admission.enter().expect("a running place");
-        let second = admission.enter().expect("a queued place");
-        assert!(admission.enter().is_none(), "full");
-        drop(first);
-        let third = admission.enter().expect("a place freed");
-        assert_eq!(third.run(async { 7 }).await, 7);
-        drop((second, third));
-        assert!(admission.enter().is_some());
     }
 
     #[test]
