@@ -103,6 +103,9 @@ impl Actor for Housekeeper {
 
 impl HousekeeperArgs {
     async fn reconcile(&self) -> Result<ReconcileReport, RegistryError> {
+        // At start this may run before the serving task has created the registry; both are
+        // idempotent, and it spares a warning about a table that is about to exist.
+        self.registry.ensure_schema().await?;
         let mut report = ReconcileReport::default();
         for project in self
             .registry
