@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{
     Gateway, GatewayOptions, Issuer, clickhouse, event, insert_events, new_instance, tenant_key,
@@ -160,14 +160,14 @@ async fn the_purge_drops_the_database_after_the_grace_period() {
         .await;
     // The purge drops the database, then records the project purged.
     let key = details["tenant_key"].as_str().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while database_exists(&database).await || registry_status(key).await != "purged" {
-        assert!(
-            Instant::now() < deadline,
-            "{database} not purged after the grace period"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let purged =
+        || async { !database_exists(&database).await && registry_status(key).await == "purged" };
+    common::eventually(
+        Duration::from_secs(15),
+        "not purged after the grace period",
+        purged,
+    )
+    .await;
     let (status, _) = gateway
         .call(Method::GET, project_path(21), &token, &instance)
         .await;
@@ -339,21 +339,13 @@ async fn idle_tenant_actors_stop_and_come_back_on_demand() {
     let token = issuer.token(&instance);
     let (_, first) = gateway.onboard(&token, &instance, 51).await;
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let idle = || async {
         let metrics = gateway.metrics().await;
-        if metrics
+        metrics
             .lines()
             .any(|line| line == "monitor_gateway_tenant_actors 0")
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "tenant actors still running:\n{metrics}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    };
+    common::eventually(Duration::from_secs(10), "tenant actors still running", idle).await;
     let (status, shown) = gateway
         .call(Method::GET, project_path(51), &token, &instance)
         .await;

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Gateway, Issuer, event, insert_events, member, new_instance, tenant_key};
+use common::{Gateway, Issuer, Scene, event, insert_events, member, new_instance, tenant_key};
 use reqwest::Method;
 use serde_json::json;
 
@@ -300,16 +300,12 @@ async fn cubes_clickhouse_user_can_read_but_not_write_or_reach_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefer_wait_returns_data_instead_of_continue_wait() {
-    let issuer = Issuer::start().await;
-    let gateway = Gateway::start(&[&issuer]).await;
-    let instance = new_instance();
-    let token = issuer.token(&instance);
-    let (_, details) = gateway.onboard(&token, &instance, 9).await;
-    insert_events(
-        details["database"].as_str().unwrap(),
-        &vec![event("page_view", "u", "/w"); 6],
-    )
-    .await;
+    let Scene {
+        gateway,
+        instance,
+        token,
+        ..
+    } = Scene::new(9, &vec![event("page_view", "u", "/w"); 6]).await;
 
     // New queries each time, so neither Cube nor the gateway has them ready.
     for path in ["/w", "/x", "/y"] {
@@ -341,16 +337,13 @@ async fn prefer_wait_returns_data_instead_of_continue_wait() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cubes_own_client_works_against_a_projects_query_url() {
-    let issuer = Issuer::start().await;
-    let gateway = Gateway::start(&[&issuer]).await;
-    let instance = new_instance();
-    let token = issuer.token(&instance);
-    let (_, details) = gateway.onboard(&token, &instance, 5).await;
-    insert_events(
-        details["database"].as_str().unwrap(),
-        &vec![event("page_view", "u", "/"); 7],
-    )
-    .await;
+    let Scene {
+        issuer,
+        gateway,
+        instance,
+        token,
+        details,
+    } = Scene::new(5, &vec![event("page_view", "u", "/"); 7]).await;
 
     // query_url carries the configured public URL; the client must reach this test's gateway.
     let query_url = details["query_url"]

@@ -5,6 +5,7 @@
 
 pub mod issuer;
 
+use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -514,4 +515,48 @@ pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
         .filter(|line| line.starts_with(name) && labels.iter().all(|label| line.contains(label)))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// A gateway trusting a fresh local issuer, and one instance with a project onboarded and
+/// holding the given events: the opening of most query tests.
+pub struct Scene {
+    pub issuer: Issuer,
+    pub gateway: Gateway,
+    pub instance: String,
+    pub token: String,
+    pub details: Value,
+}
+
+impl Scene {
+    pub async fn new(project: u64, events: &[Value]) -> Self {
+        let issuer = Issuer::start().await;
+        let gateway = Gateway::start(&[&issuer]).await;
+        let instance = new_instance();
+        let token = issuer.token(&instance);
+        let (status, details) = gateway.onboard(&token, &instance, project).await;
+        assert_eq!(status, 201, "{details}");
+        if !events.is_empty() {
+            insert_events(details["database"].as_str().unwrap(), events).await;
+        }
+        Self {
+            issuer,
+            gateway,
+            instance,
+            token,
+            details,
+        }
+    }
+}
+
+/// Polls `done` until it holds, failing with `what` after `limit`.
+pub async fn eventually<F: Future<Output = bool>>(
+    limit: Duration,
+    what: &str,
+    mut done: impl FnMut() -> F,
+) {
+    let deadline = Instant::now() + limit;
+    while !done().await {
+        assert!(Instant::now() < deadline, "{what} (waited {limit:?})");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
