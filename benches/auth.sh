@@ -100,37 +100,25 @@ run() { # name url [headers...]
 echo "bench: $ROUNDS rounds of ${DURATION}s per case, $CONCURRENCY connections, $THREADS wrk thread(s)" >&2
 for round in $(seq 1 "$ROUNDS"); do
   run no-auth "http://127.0.0.1:$CACHE_ON_PORT/.well-known/jwks.json"
+  if grep -q "Non-2xx" "$work/no-auth.$round.txt"; then
+    cat "$work/no-auth.$round.txt" >&2
+    echo "bench: the JWKS route answered errors" >&2
+    exit 1
+  fi
   run no-auth-err "http://127.0.0.1:$CACHE_ON_PORT/v1/product-analytics/unknown"
   run cache-on "http://127.0.0.1:$CACHE_ON_PORT$authenticated" "${auth[@]}"
   run cache-off "http://127.0.0.1:$CACHE_OFF_PORT$authenticated" "${auth[@]}"
 done
 
 python3 - "$work" "$ROUNDS" <<'PY'
-import re, statistics, sys
-from pathlib import Path
+import sys
+sys.path.insert(0, "benches")
+from wrk_summary import medians, print_table
 
-work, rounds = Path(sys.argv[1]), int(sys.argv[2])
-UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-
-def parse(path):
-    text = path.read_text()
-    if "Non-2xx or 3xx responses" in text and "jwks" in path.name:
-        raise SystemExit(f"{path.name}: unexpected error responses\n{text}")
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
-    pct = {p: float(v) * UNITS[u] for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)}
-    return rps, pct["50"], pct["99"]
-
-results = {}
-for case in ("no-auth", "no-auth-err", "cache-on", "cache-off"):
-    runs = [parse(work / f"{case}.{r}.txt") for r in range(1, rounds + 1)]
-    results[case] = tuple(statistics.median(run[i] for run in runs) for i in range(3))
-
-print(f"{'case':<12} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
-for case, (rps, p50, p99) in results.items():
-    print(f"{case:<12} {rps:>10.0f} {p50:>8.3f} {p99:>8.3f}")
+results = medians(sys.argv[1], int(sys.argv[2]), ("no-auth", "no-auth-err", "cache-on", "cache-off"))
+print_table(results)
 static, err = results["no-auth"][0], results["no-auth-err"][0]
 on, off = results["cache-on"][0], results["cache-off"][0]
-print()
 print(f"cache-on  / no-auth-err : {on / err:.3f}  (authentication costs {100 * (1 - on / err):.1f}% of throughput; target < 10%)")
 print(f"cache-on  / no-auth     : {on / static:.3f}  (authentication plus a JSON error body: {100 * (1 - on / static):.1f}%)")
 print(f"cache-off / no-auth-err : {off / err:.3f}")

@@ -103,29 +103,14 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 python3 - "$work" "$ROUNDS" <<'PY'
-import re, statistics, sys
-from pathlib import Path
+import sys
+sys.path.insert(0, "benches")
+from wrk_summary import medians, print_table
 
-work, rounds = Path(sys.argv[1]), int(sys.argv[2])
-UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-
-def parse(path):
-    text = path.read_text()
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
-    pct = {p: float(v) * UNITS[u] for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)}
-    return rps, pct["50"], pct["99"]
-
-results = {}
-for case in ("direct", "gateway", "cached"):
-    runs = [parse(work / f"{case}.{r}.txt") for r in range(1, rounds + 1)]
-    results[case] = tuple(statistics.median(run[i] for run in runs) for i in range(3))
-
-print(f"{'path':<8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
-for case, (rps, p50, p99) in results.items():
-    print(f"{case:<8} {rps:>9.0f} {p50:>8.3f} {p99:>8.3f}")
+results = medians(sys.argv[1], int(sys.argv[2]), ("direct", "gateway", "cached"))
+print_table(results)
 (d_rps, d_p50, _), (g_rps, g_p50, _) = results["direct"], results["gateway"]
 c_rps = results["cached"][0]
-print()
 print(f"gateway (cache off) / direct throughput: {g_rps / d_rps:.3f}   (target >= 0.95)")
 print(f"added latency at p50 (cache off)       : {g_p50 - d_p50:.3f} ms   (target < 1 ms)")
 print(f"gateway (cache on) / direct throughput : {c_rps / d_rps:.1f}x   (target >= 10x)")

@@ -7,16 +7,14 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use actors::registry::ProjectRecord;
-use actors::signer::{Signer, generate_key, read_key, rsa_pkcs1_der, thumbprint, write_key};
+use actors::signer::{Signer, generate_key, public_jwk, read_key, rsa_pkcs1_der, write_key};
 use actors::tenancy::{InstanceId, ProjectId};
 use anyhow::Context;
 use axum::Router;
 use axum::routing::get;
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use clap::Subcommand;
+use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use rsa::traits::PublicKeyParts;
 use serde_json::json;
 
 const KEY_FILE: &str = "issuer-key.pem";
@@ -114,10 +112,10 @@ pub fn run(command: DevCommand, config: Option<&Path>) -> anyhow::Result<()> {
         } => {
             let key = read_key(&dir.join(KEY_FILE))
                 .context("run `monitor-gateway dev issuer-init` first")?;
-            let (kid, _) = public_jwk(&key);
+            let kid = public_jwk(&key).common.key_id;
             let signing = EncodingKey::from_rsa_der(&rsa_pkcs1_der(&key)?);
             let mut header = Header::new(Algorithm::RS256);
-            header.kid = Some(kid);
+            header.kid = kid;
             let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             for instance_id in instance_ids {
@@ -150,19 +148,11 @@ fn init_issuer(dir: &Path) -> anyhow::Result<bool> {
         write_key(&key_path, &key)?;
         (key, true)
     };
-    let (_, jwk) = public_jwk(&key);
-    let jwks = serde_json::to_vec_pretty(&json!({ "keys": [jwk] }))?;
+    let jwks = serde_json::to_vec_pretty(&JwkSet {
+        keys: vec![public_jwk(&key)],
+    })?;
     std::fs::write(dir.join(JWKS_FILE), jwks)?;
     Ok(created)
-}
-
-fn public_jwk(key: &rsa::RsaPrivateKey) -> (String, serde_json::Value) {
-    let public = key.to_public_key();
-    let n = URL_SAFE_NO_PAD.encode(public.n().to_bytes_be());
-    let e = URL_SAFE_NO_PAD.encode(public.e().to_bytes_be());
-    let kid = thumbprint(&n, &e);
-    let jwk = json!({ "kty": "RSA", "use": "sig", "alg": "RS256", "kid": kid, "n": n, "e": e });
-    (kid, jwk)
 }
 
 fn serve_issuer(dir: &Path, listen: SocketAddr, issuer: String) -> anyhow::Result<()> {

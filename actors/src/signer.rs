@@ -7,7 +7,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use jsonwebtoken::jwk::{Jwk, JwkSet, PublicKeyUse};
+use jsonwebtoken::jwk::{
+    AlgorithmParameters, CommonParameters, Jwk, JwkSet, KeyAlgorithm, PublicKeyUse,
+    RSAKeyParameters, RSAKeyType,
+};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use moka::sync::Cache;
 use rsa::RsaPrivateKey;
@@ -75,15 +78,12 @@ impl Signer {
     pub fn from_key(private: &RsaPrivateKey, cube: &CubeSettings) -> Result<Self, SignerError> {
         let key = EncodingKey::from_rsa_der(&rsa_pkcs1_der(private)?);
 
-        let public = private.to_public_key();
-        let n = URL_SAFE_NO_PAD.encode(public.n().to_bytes_be());
-        let e = URL_SAFE_NO_PAD.encode(public.e().to_bytes_be());
-        let kid = thumbprint(&n, &e);
-
-        let mut jwk = Jwk::from_encoding_key(&key, Algorithm::RS256)
-            .map_err(|err| SignerError::Sign(err.to_string()))?;
-        jwk.common.key_id = Some(kid.clone());
-        jwk.common.public_key_use = Some(PublicKeyUse::Signature);
+        let jwk = public_jwk(private);
+        let kid = jwk
+            .common
+            .key_id
+            .clone()
+            .expect("public_jwk always sets a kid");
         let jwks =
             serde_json::to_vec(&JwkSet { keys: vec![jwk] }).expect("a JWKS always serialises");
 
@@ -200,8 +200,27 @@ pub fn rsa_pkcs1_der(key: &RsaPrivateKey) -> Result<Vec<u8>, SignerError> {
         .map_err(|err| SignerError::Generate(err.to_string()))
 }
 
-/// RFC 7638 JWK thumbprint, so a key's id follows from the key itself.
-pub fn thumbprint(n: &str, e: &str) -> String {
+/// The public half of a key as a JWK for RS256 signatures, with its RFC 7638 thumbprint as
+/// `kid`, so a key's id follows from the key itself.
+pub fn public_jwk(private: &RsaPrivateKey) -> Jwk {
+    let public = private.to_public_key();
+    let n = URL_SAFE_NO_PAD.encode(public.n().to_bytes_be());
+    let e = URL_SAFE_NO_PAD.encode(public.e().to_bytes_be());
+    let common = CommonParameters {
+        public_key_use: Some(PublicKeyUse::Signature),
+        key_algorithm: Some(KeyAlgorithm::RS256),
+        key_id: Some(thumbprint(&n, &e)),
+        ..Default::default()
+    };
+    let algorithm = AlgorithmParameters::RSA(RSAKeyParameters {
+        key_type: RSAKeyType::RSA,
+        n,
+        e,
+    });
+    Jwk { common, algorithm }
+}
+
+fn thumbprint(n: &str, e: &str) -> String {
     let canonical = format!(r#"{{"e":"{e}","kty":"RSA","n":"{n}"}}"#);
     URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()))
 }

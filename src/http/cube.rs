@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
 use super::error::ApiError;
-use super::projects::{parse_project, path_params};
+use super::projects::{PathParams, parse_project};
 use super::{AppState, Authenticated, request_id};
 
 pub fn routes() -> Router<AppState> {
@@ -30,10 +30,10 @@ impl<S: Send + Sync> FromRequestParts<S> for CubeTarget {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
-        let params = path_params(parts).await?;
-        let get = |name: &str| params.get(name).map(String::as_str).unwrap_or_default();
-        let project = parse_project(get("project_id"))?;
-        let endpoint = CubeEndpoint::parse(get("endpoint")).ok_or_else(ApiError::not_found)?;
+        let params = PathParams::from_parts(parts).await?;
+        let project = parse_project(params.get("project_id"))?;
+        let endpoint =
+            CubeEndpoint::parse(params.get("endpoint")).ok_or_else(ApiError::not_found)?;
         Ok(Self(project, endpoint))
     }
 }

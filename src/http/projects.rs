@@ -3,9 +3,7 @@
 use actors::ErrorCode;
 use actors::registry::ProjectRecord;
 use actors::tenancy::ProjectId;
-use std::collections::HashMap;
-
-use axum::extract::{FromRequestParts, Path, RawQuery, State};
+use axum::extract::{FromRequestParts, RawPathParams, RawQuery, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
@@ -83,12 +81,25 @@ pub fn parse_project(text: &str) -> Result<ProjectId, ApiError> {
         .map_err(|err| ApiError::new(ErrorCode::InvalidProjectId, err.to_string()))
 }
 
-/// The path's parameters, with a JSON error (not axum's plain text) when they are not UTF-8.
-pub async fn path_params(parts: &mut Parts) -> Result<HashMap<String, String>, ApiError> {
-    let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, &())
-        .await
-        .map_err(|_| ApiError::new(ErrorCode::InvalidProjectId, "the path is not valid UTF-8"))?;
-    Ok(params)
+/// The path's parameters as matched (no copies), with a JSON error rather than axum's plain
+/// text when they are not UTF-8.
+pub struct PathParams(RawPathParams);
+
+impl PathParams {
+    pub async fn from_parts(parts: &mut Parts) -> Result<Self, ApiError> {
+        RawPathParams::from_request_parts(parts, &())
+            .await
+            .map(Self)
+            .map_err(|_| ApiError::new(ErrorCode::InvalidProjectId, "the path is not valid UTF-8"))
+    }
+
+    /// The value of a parameter, empty when the route has none of that name.
+    pub fn get(&self, name: &str) -> &str {
+        self.0
+            .iter()
+            .find(|(key, _)| *key == name)
+            .map_or("", |(_, value)| value)
+    }
 }
 
 /// The `{project_id}` of the path, checked.
@@ -98,12 +109,8 @@ impl<S: Send + Sync> FromRequestParts<S> for ProjectParam {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
-        let params = path_params(parts).await?;
-        let text = params
-            .get("project_id")
-            .map(String::as_str)
-            .unwrap_or_default();
-        parse_project(text).map(Self)
+        let params = PathParams::from_parts(parts).await?;
+        parse_project(params.get("project_id")).map(Self)
     }
 }
 
