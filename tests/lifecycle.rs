@@ -576,12 +576,7 @@ async fn a_delete_whose_write_timed_out_never_lets_the_purge_take_a_project_onbo
         .await;
     assert_eq!(exists.trim(), "1");
     let key = details["tenant_key"].as_str().unwrap();
-    let status = clickhouse
-        .query(&format!(
-            "SELECT status FROM monitor_gateway.projects FINAL WHERE tenant_key = '{key}'"
-        ))
-        .await;
-    assert_eq!(status.trim(), "ready");
+    assert_eq!(clickhouse.registry_status(key).await, "ready");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -616,12 +611,7 @@ async fn a_delete_whose_write_was_lost_is_written_again_when_repeated() {
         "{body}"
     );
     let key = details["tenant_key"].as_str().unwrap();
-    let recorded = clickhouse
-        .query(&format!(
-            "SELECT status FROM monitor_gateway.projects FINAL WHERE tenant_key = '{key}'"
-        ))
-        .await;
-    assert_eq!(recorded.trim(), "deprovisioned");
+    assert_eq!(clickhouse.registry_status(key).await, "deprovisioned");
 
     // After the tenant reloads from the registry, the project is still deprovisioned.
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -503,6 +503,16 @@ impl PrivateClickHouse {
     }
 }
 
+impl PrivateClickHouse {
+    /// The registry's current status of a project, by tenant key.
+    pub async fn registry_status(&self, tenant_key: &str) -> String {
+        let sql = format!(
+            "SELECT status FROM monitor_gateway.projects FINAL WHERE tenant_key = '{tenant_key}'"
+        );
+        self.query(&sql).await.trim().to_owned()
+    }
+}
+
 impl Drop for PrivateClickHouse {
     fn drop(&mut self) {
         self.kill();
