@@ -42,7 +42,7 @@ query_rate_per_second = 1000000.0
 query_burst = 1000000
 [cube]
 url = "http://127.0.0.1:14000"
-max_concurrent_queries = 1024
+max_concurrent_queries = 64
 max_queued_queries = 1024
 result_cache_seconds = $3
 [clickhouse]

@@ -129,6 +129,10 @@ impl Settings {
             ),
             ("cube.timeout_seconds", self.cube.timeout_seconds),
             (
+                "cube.queue_timeout_seconds",
+                self.cube.queue_timeout_seconds,
+            ),
+            (
                 "cube.max_concurrent_queries",
                 self.cube.max_concurrent_queries as u64,
             ),
@@ -167,6 +171,12 @@ impl Settings {
             return Err(invalid(
                 "cube.result_cache_seconds",
                 "must be at most 10, Cube's own refresh interval",
+            ));
+        }
+        if self.cube.stuck_worker_seconds <= self.cube.timeout_seconds {
+            return Err(invalid(
+                "cube.stuck_worker_seconds",
+                "must be longer than cube.timeout_seconds",
             ));
         }
         if self.cube.token_ttl_seconds < 10 {

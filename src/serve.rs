@@ -72,8 +72,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let state = AppState {
         auth: auth.clone(),
         tenants: Tenants::new(Duration::from_secs(settings.tenants.call_timeout_seconds)),
-        // Room for a caller's wait for a result, plus the last request to Cube.
-        queries: Queries::new(Duration::from_secs(2 * settings.cube.timeout_seconds + 1)),
+        queries: Queries::new(&settings.cube),
         signer,
         public_url: settings.server.public_url.clone().into(),
         max_body_bytes: settings.server.max_body_bytes,

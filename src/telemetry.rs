@@ -111,7 +111,15 @@ fn describe() {
     describe_gauge!("monitor_gateway_tenant_actors", "Running tenant actors");
     describe_counter!(
         "monitor_gateway_queries_shed_total",
-        "Cube requests refused because the dispatcher's running and queued places were full"
+        "Cube requests the dispatcher refused, by reason (queue_full, expired, shutdown)"
+    );
+    describe_counter!(
+        "monitor_gateway_queries_abandoned_total",
+        "Queued Cube requests dropped because their caller had gone"
+    );
+    describe_counter!(
+        "monitor_gateway_query_worker_starts_total",
+        "Query workers started: the pool at start, then replacements of stuck or failed ones"
     );
     describe_histogram!(
         "monitor_gateway_registry_batch_rows",
@@ -127,13 +135,16 @@ fn describe() {
 /// rather than no data.
 fn register_at_zero() {
     for counter in [
-        "monitor_gateway_queries_shed_total",
+        "monitor_gateway_queries_abandoned_total",
         "monitor_gateway_quota_refusals_total",
         "monitor_gateway_projects_onboarded_total",
         "monitor_gateway_projects_deprovisioned_total",
         "monitor_gateway_projects_purged_total",
     ] {
         metrics::counter!(counter).absolute(0);
+    }
+    for reason in ["queue_full", "expired", "shutdown"] {
+        metrics::counter!("monitor_gateway_queries_shed_total", "reason" => reason).absolute(0);
     }
     for upstream in ["clickhouse", "cube"] {
         metrics::counter!("monitor_gateway_upstream_errors_total", "upstream" => upstream)

@@ -62,7 +62,9 @@ async fn a_burst_beyond_the_queue_is_shed_cleanly_and_nothing_hangs() {
     let issuer = Issuer::start().await;
     let options = GatewayOptions::new(&[&issuer])
         .env("CUBE__MAX_CONCURRENT_QUERIES", 1)
-        .env("CUBE__MAX_QUEUED_QUERIES", 0);
+        .env("CUBE__MAX_QUEUED_QUERIES", 0)
+        // Identical requests would share one answer; here each must take a worker.
+        .env("CUBE__RESULT_CACHE_SECONDS", 0);
     let gateway = Gateway::start_with(options).await;
     let instance = new_instance();
     let token = issuer.token(&instance);

@@ -94,6 +94,11 @@ pub struct CubeSettings {
     pub max_concurrent_queries: usize,
     /// Cube requests waiting at most; beyond it they are refused with 503 overloaded.
     pub max_queued_queries: usize,
+    /// How long a request may wait for a free worker before it is refused with 503 overloaded.
+    pub queue_timeout_seconds: u64,
+    /// A worker busy with one request for this long is stuck: it is killed and replaced.
+    /// Longer than `timeout_seconds`, which bounds every healthy request.
+    pub stuck_worker_seconds: u64,
     /// How long an answer to `load` or `meta` is reused for identical requests of the same
     /// tenant; 0 turns the result cache off. At most Cube's own refresh interval (10 s).
     pub result_cache_seconds: u64,

@@ -12,7 +12,7 @@ use tracing::{error, warn};
 
 use crate::auth::{IssuerActor, IssuerArgs, IssuerKeys};
 use crate::housekeeper::{HOUSEKEEPER, Housekeeper, HousekeeperArgs};
-use crate::query::{QUERY_DISPATCHER, QueryArgs, QueryDispatcher};
+use crate::query::{QUERY_DISPATCHER, spawn_dispatcher};
 use crate::registry::Registry;
 use crate::settings::{AuthSettings, CubeSettings, TenantSettings};
 use crate::signer::Signer;
@@ -226,17 +226,7 @@ impl RootState {
                     .await?;
             }
             QUERY_DISPATCHER => {
-                let args = QueryArgs {
-                    cube: self.args.cube.clone(),
-                    signer: self.args.signer.clone(),
-                };
-                Actor::spawn_linked(
-                    Some(QUERY_DISPATCHER.into()),
-                    QueryDispatcher,
-                    args,
-                    supervisor,
-                )
-                .await?;
+                spawn_dispatcher(&self.args.cube, self.args.signer.clone(), supervisor).await?;
             }
             other => return Err(format!("unknown child {other}").into()),
         }
