@@ -8,6 +8,9 @@
 #   scripts/stack.sh status <profile>    what runs, with pids and ports
 #   scripts/stack.sh clickhouse-config <dir> <http> <tcp> <interserver>
 #                                        render a ClickHouse configuration into <dir> (for tests)
+#   scripts/stack.sh cube-serve <config-dir> <cube-port> <clickhouse-http-port> <jwk-url>
+#                                        run Cube in the foreground with cube.js and model/ of
+#                                        <config-dir>, set up as the profiles' Cube (for tests)
 #
 # Profiles (every server binds to 127.0.0.1 only; both profiles can run side by side):
 #
@@ -339,6 +342,40 @@ start_clickhouse() {
 # ---------------------------------------------------------------------------------------------
 # Cube
 
+# Replaces this shell with Cube serving cube.js and model/ of folder $1 on CUBE_HTTP_PORT, against
+# ClickHouse on CH_HTTP_PORT, trusting JWK_URL; the rest of the arguments (such as setsid) run it.
+exec_cube() {
+  local dir=$1
+  shift
+  cd "$dir"
+  # Start from no CUBEJS_* at all: an inherited CUBEJS_DB_NAME, for one, would override the
+  # per-tenant database (cube.js refuses to start with it set).
+  while IFS= read -r name; do unset "$name"; done < <(compgen -e | grep -E '^CUBEJS_' || true)
+  export TZ=UTC NODE_ENV=production \
+    CUBE_LISTEN_HOST=127.0.0.1 \
+    PORT="$CUBE_HTTP_PORT" \
+    CUBEJS_DB_TYPE=clickhouse \
+    CUBEJS_DB_HOST=127.0.0.1 \
+    CUBEJS_DB_PORT="$CH_HTTP_PORT" \
+    CUBEJS_DB_USER=cube \
+    CUBEJS_DB_PASS= \
+    CUBEJS_DB_CLICKHOUSE_READONLY=true \
+    CUBEJS_DEV_MODE=false \
+    CUBEJS_CACHE_AND_QUEUE_DRIVER=memory \
+    CUBEJS_EXTERNAL_DEFAULT=false \
+    CUBEJS_SCHEDULED_REFRESH_DEFAULT=false \
+    CUBEJS_TELEMETRY=false \
+    CUBEJS_SCHEMA_PATH=model \
+    CUBEJS_JWK_URL="$JWK_URL" \
+    CUBEJS_JWT_AUDIENCE=cube \
+    CUBEJS_JWT_ISSUER=monitor-gateway \
+    CUBEJS_JWT_ALGS=RS256 \
+    CUBEJS_GRACEFUL_SHUTDOWN=5 \
+    CUBEJS_LOG_LEVEL="${CUBE_LOG_LEVEL:-warn}"
+  # listen-host.js makes Cube bind CUBE_LISTEN_HOST only (Cube itself binds every interface).
+  exec "$@" node --require "$CUBE_DIR/listen-host.js" "$CUBE_DIR/node_modules/.bin/cubejs-server"
+}
+
 cube_pid() {
   live_pid "$CUBE_STATE_DIR/cube.pid" "cubejs-server"
 }
@@ -354,34 +391,8 @@ start_cube() {
 
   (
     exec 9>&- # the profile lock must not outlive this script
-    cd "$CUBE_DIR"
-    # Start from no CUBEJS_* at all: an inherited CUBEJS_DB_NAME, for one, would override the
-    # per-tenant database (cube.js refuses to start with it set).
-    while IFS= read -r name; do unset "$name"; done < <(compgen -e | grep -E '^CUBEJS_' || true)
-    export STACK_STATE_DIR="$STATE_DIR" TZ=UTC NODE_ENV=production \
-      CUBE_LISTEN_HOST=127.0.0.1 \
-      PORT="$CUBE_HTTP_PORT" \
-      CUBEJS_DB_TYPE=clickhouse \
-      CUBEJS_DB_HOST=127.0.0.1 \
-      CUBEJS_DB_PORT="$CH_HTTP_PORT" \
-      CUBEJS_DB_USER=cube \
-      CUBEJS_DB_PASS= \
-      CUBEJS_DB_CLICKHOUSE_READONLY=true \
-      CUBEJS_DEV_MODE=false \
-      CUBEJS_CACHE_AND_QUEUE_DRIVER=memory \
-      CUBEJS_EXTERNAL_DEFAULT=false \
-      CUBEJS_SCHEDULED_REFRESH_DEFAULT=false \
-      CUBEJS_TELEMETRY=false \
-      CUBEJS_SCHEMA_PATH=model \
-      CUBEJS_JWK_URL="$JWK_URL" \
-      CUBEJS_JWT_AUDIENCE=cube \
-      CUBEJS_JWT_ISSUER=monitor-gateway \
-      CUBEJS_JWT_ALGS=RS256 \
-      CUBEJS_GRACEFUL_SHUTDOWN=5 \
-      CUBEJS_LOG_LEVEL="${CUBE_LOG_LEVEL:-warn}"
-    # listen-host.js makes Cube bind CUBE_LISTEN_HOST only (Cube itself binds every interface).
-    exec setsid node --require ./listen-host.js node_modules/.bin/cubejs-server \
-      </dev/null >>"$CUBE_STATE_DIR/cube.log" 2>&1
+    export STACK_STATE_DIR="$STATE_DIR"
+    exec_cube "$CUBE_DIR" setsid </dev/null >>"$CUBE_STATE_DIR/cube.log" 2>&1
   ) &
   pid=$!
   printf '%s\n' "$pid" >"$CUBE_STATE_DIR/cube.pid"
@@ -488,6 +499,14 @@ cmd_clickhouse_config() {
   render_clickhouse_config
 }
 
+# Runs Cube in the foreground, configured as the profiles' Cube, for tests that run a private one
+# of their own (to stop and start it, or with a configuration of their own).
+cmd_cube_serve() {
+  [[ $# -eq 4 ]] || die "usage: stack.sh cube-serve <config-dir> <cube-port> <clickhouse-http-port> <jwk-url>"
+  CUBE_HTTP_PORT=$2 CH_HTTP_PORT=$3 JWK_URL=$4
+  exec_cube "$1"
+}
+
 main() {
   local command="${1:-}"
   shift || true
@@ -498,6 +517,7 @@ main() {
     restart) cmd_restart "$@" ;;
     status) cmd_status "$@" ;;
     clickhouse-config) cmd_clickhouse_config "$@" ;;
+    cube-serve) cmd_cube_serve "$@" ;;
     *) usage ;;
   esac
 }

@@ -9,7 +9,18 @@
 // The data model in model/ names bare tables (`snowplow_events`); they resolve against the
 // database that driverFactory binds the connection to, so the model itself is tenant-agnostic.
 
+const http = require('http');
+const https = require('https');
 const ClickHouseDriver = require('@cubejs-backend/clickhouse-driver');
+
+// The driver's HTTP client uses Node's global agent unless given one, and since Node 19 that
+// agent times sockets out after 5 s, which the client answers by aborting: every ClickHouse query
+// longer than 5 s would fail as "socket hang up". Queries have their deadlines elsewhere (Cube's
+// query timeout, the gateway's), so this agent sets none; it keeps no idle connections either,
+// which ClickHouse would close after its keep_alive_timeout under a request about to reuse one.
+const clickhouseAgent = process.env.CUBEJS_DB_SSL === 'true'
+  ? new https.Agent({ keepAlive: false })
+  : new http.Agent({ keepAlive: false });
 
 // Database names come only from the gateway's tenant key: gitlab_project_<32 lowercase hex>.
 const DATABASE_PATTERN = /^gitlab_project_[0-9a-f]{32}$/;
@@ -98,8 +109,10 @@ module.exports = {
   // `queryOptions` replaces the driver's default (CUBEJS_DB_NAME or 'default') entirely; its
   // contents are sent as URL settings with every query, so `database` selects the schema.
   // readOnly: the `cube` user has readonly = 1, so the driver must not send settings of its own.
+  // agent: see clickhouseAgent above; the driver hands it to every request.
   driverFactory: (context) => new ClickHouseDriver({
     readOnly: true,
+    agent: clickhouseAgent,
     queryOptions: { database: tenantDatabase(context) },
   }),
 

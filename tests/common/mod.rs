@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod cube;
 pub mod issuer;
 
 use std::future::Future;
@@ -16,6 +17,10 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 pub use issuer::Issuer;
+
+/// The key set of the test profile's gateway (`scripts/gateway.sh up test`), which Cube trusts;
+/// every test gateway signs with the same key.
+pub const TEST_JWKS_URL: &str = "http://127.0.0.1:28080/.well-known/jwks.json";
 
 /// Where the test stack runs; `scripts/test.sh` exports these, the defaults match its ports.
 pub struct Stack {
@@ -377,7 +382,7 @@ pub async fn insert_events(database: &str, events: &[Value]) {
 
 /// A security-context token signed with the key Cube trusts, as the gateway would sign it.
 pub async fn security_context_token(database: &str) -> String {
-    let jwks: Value = reqwest::get("http://127.0.0.1:28080/.well-known/jwks.json")
+    let jwks: Value = reqwest::get(TEST_JWKS_URL)
         .await
         .expect("the test stack's gateway serves its JWKS")
         .json()
@@ -539,8 +544,18 @@ pub struct Scene {
 
 impl Scene {
     pub async fn new(project: u64, events: &[Value]) -> Self {
+        Self::with_env(project, events, &[]).await
+    }
+
+    /// The same with extra `MONITOR_GATEWAY__*` variables for the gateway, such as `CUBE__URL`.
+    pub async fn with_env(project: u64, events: &[Value], env: &[(&str, String)]) -> Self {
         let issuer = Issuer::start().await;
-        let gateway = Gateway::start(&[&issuer]).await;
+        let options = env
+            .iter()
+            .fold(GatewayOptions::new(&[&issuer]), |options, (key, value)| {
+                options.env(key, value)
+            });
+        let gateway = Gateway::start_with(options).await;
         let instance = new_instance();
         let token = issuer.token(&instance);
         let (status, details) = gateway.onboard(&token, &instance, project).await;

@@ -1,26 +1,33 @@
 // Cube's own client, pointed at a project's query_url on the gateway with an instance's token:
-// prints the cubes from `meta` and TrackedEvents.count from `load` as JSON on one line.
-// The client polls by itself while the answer is "Continue wait".
+// prints the cubes from `meta`, the measure (default TrackedEvents.count) from `load`, and how
+// many times Cube answered "Continue wait" before the result, as JSON on one line. The client
+// polls by itself while the answer is "Continue wait".
 //
-//   node check.js <query_url> <token> <instance-id>
+//   node check.js <query_url> <token> <instance-id> [measure]
 
 const cubejs = require('@cubejs-client/core').default;
 
 async function main() {
-  const [apiUrl, token, instance] = process.argv.slice(2);
+  const [apiUrl, token, instance, measure = 'TrackedEvents.count'] = process.argv.slice(2);
   if (!instance) {
-    throw new Error('usage: node check.js <query_url> <token> <instance-id>');
+    throw new Error('usage: node check.js <query_url> <token> <instance-id> [measure]');
   }
   const api = cubejs(`Bearer ${token}`, {
     apiUrl,
     headers: { 'X-Gitlab-Instance-Id': instance },
   });
   const meta = await api.meta();
-  const result = await api.load({ measures: ['TrackedEvents.count'] });
+  // The client calls progressCallback for every "Continue wait" before it asks again.
+  let continueWaits = 0;
+  const result = await api.load(
+    { measures: [measure] },
+    { progressCallback: () => { continueWaits += 1; } },
+  );
   const [row] = result.tablePivot();
   console.log(JSON.stringify({
     cubes: meta.cubes.map((cube) => cube.name),
-    count: Number(row['TrackedEvents.count']),
+    count: Number(row[measure]),
+    continue_waits: continueWaits,
   }));
 }
 
