@@ -6,9 +6,13 @@
 #    the events table, without the registry rows the gateway also writes). Rounds alternate;
 #    medians and their ratio are printed.
 # 2. Idle tenants: resident memory of a fresh gateway before and after TENANTS instances each
-#    made one call, both while their tenant actors are alive and after they stopped when idle.
+#    made one call, both while their tenant actors are alive and after they stopped when idle
+#    and the allocator's decay time (DECAY_SECONDS, jemalloc's default 10 s) has passed. It runs
+#    twice, with the verified-token cache on (its entries live until the tokens expire, so they
+#    are part of an idle instance's cost) and off (what is left is the gateway's own).
 #
-#   benches/lifecycle.sh     # PROJECTS=200 CONCURRENCY=8 ROUNDS=3 TENANTS=10000
+#   benches/lifecycle.sh     # PROJECTS=200 CONCURRENCY=8 ROUNDS=3 TENANTS=10000 DECAY_SECONDS=10
+#   ONBOARDING=0 benches/lifecycle.sh   # the memory part only
 #
 # Runs on the test profile's ClickHouse and Cube (started if needed, stopped again if it started
 # them) with its own gateway and issuer on 127.0.0.1:4718x. Every loop is bounded.
@@ -17,7 +21,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 export PROJECTS=${PROJECTS:-200} CONCURRENCY=${CONCURRENCY:-8} ROUNDS=${ROUNDS:-3}
-export TENANTS=${TENANTS:-10000}
+export TENANTS=${TENANTS:-10000} DECAY_SECONDS=${DECAY_SECONDS:-10}
+readonly ONBOARDING=${ONBOARDING:-1}
 readonly PORT=47180 ADMIN=47190 ISSUER_PORT=47181 IDLE_SECONDS=5
 export CLICKHOUSE=http://127.0.0.1:28123
 
@@ -63,9 +68,11 @@ url = "http://127.0.0.1:24000"
 key_file = "$work/signing.pem"
 create_if_missing = true
 TOML
+cp "$work/gateway.toml" "$work/gateway-no-token-cache.toml"
+printf '[auth]\ntoken_cache_capacity = 0\n' >>"$work/gateway-no-token-cache.toml"
 
 start_gateway() {
-  "$BIN" --config "$work/gateway.toml" serve >>"$work/gateway.log" 2>&1 &
+  "$BIN" --config "${1:-$work/gateway.toml}" serve >>"$work/gateway.log" 2>&1 &
   GATEWAY_PID=$!
   pids+=("$GATEWAY_PID")
   for _ in $(seq 1 150); do
@@ -76,24 +83,29 @@ start_gateway() {
   echo "bench: the gateway did not become ready" >&2
   exit 1
 }
-start_gateway
-
 export GATEWAY=http://127.0.0.1:$PORT
-INSTANCE=$(python3 -c 'import uuid; print(uuid.uuid4())')
-export INSTANCE
-TOKEN=$("$BIN" dev token --dir "$work/issuer" --instance-id "$INSTANCE" --issuer "http://127.0.0.1:$ISSUER_PORT")
-export TOKEN
-
-echo "bench: onboarding $PROJECTS projects x $ROUNDS rounds at concurrency $CONCURRENCY" >&2
-python3 benches/lifecycle_onboarding.py
+if [[ $ONBOARDING != 0 ]]; then
+  start_gateway
+  INSTANCE=$(python3 -c 'import uuid; print(uuid.uuid4())')
+  export INSTANCE
+  TOKEN=$("$BIN" dev token --dir "$work/issuer" --instance-id "$INSTANCE" --issuer "http://127.0.0.1:$ISSUER_PORT")
+  export TOKEN
+  echo "bench: onboarding $PROJECTS projects x $ROUNDS rounds at concurrency $CONCURRENCY" >&2
+  python3 benches/lifecycle_onboarding.py
+  kill "$GATEWAY_PID"; wait "$GATEWAY_PID" 2>/dev/null || true
+fi
 
 echo "bench: memory with $TENANTS idle tenants" >&2
-kill "$GATEWAY_PID"; wait "$GATEWAY_PID" 2>/dev/null || true
-start_gateway
 python3 -c 'import uuid; [print(uuid.uuid4()) for _ in range('"$TENANTS"')]' >"$work/instances"
 mapfile -t instances <"$work/instances"
 args=()
 for instance in "${instances[@]}"; do args+=(--instance-id "$instance"); done
 "$BIN" dev token --dir "$work/issuer" --issuer "http://127.0.0.1:$ISSUER_PORT" "${args[@]}" >"$work/tokens"
-export ADMIN_PORT=$ADMIN GATEWAY_PID IDLE_SECONDS INSTANCES_FILE=$work/instances TOKENS_FILE=$work/tokens
-python3 benches/lifecycle_memory.py
+export ADMIN_PORT=$ADMIN IDLE_SECONDS INSTANCES_FILE=$work/instances TOKENS_FILE=$work/tokens
+for cache in on off; do
+  config=$work/gateway.toml
+  [[ $cache == off ]] && config=$work/gateway-no-token-cache.toml
+  start_gateway "$config"
+  TOKEN_CACHE=$cache GATEWAY_PID=$GATEWAY_PID python3 benches/lifecycle_memory.py
+  kill "$GATEWAY_PID"; wait "$GATEWAY_PID" 2>/dev/null || true
+done

@@ -10,6 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 GATEWAY = urllib.parse.urlsplit(os.environ["GATEWAY"])
 PID = int(os.environ["GATEWAY_PID"])
 IDLE = int(os.environ["IDLE_SECONDS"])
+DECAY = int(os.environ["DECAY_SECONDS"])
+CACHE = os.environ.get("TOKEN_CACHE", "on")
 CONCURRENCY = int(os.environ["CONCURRENCY"])
 instances = open(os.environ["INSTANCES_FILE"]).read().split()
 tokens = open(os.environ["TOKENS_FILE"]).read().split()
@@ -47,17 +49,28 @@ with ThreadPoolExecutor(CONCURRENCY) as pool:
     list(pool.map(call, list(zip(instances, tokens))[1:]))
 elapsed = time.perf_counter() - started
 alive = rss_bytes()
-time.sleep(IDLE * 2 + 2)
-idle = rss_bytes()
 
-metrics = http.client.HTTPConnection(GATEWAY.hostname, int(os.environ["ADMIN_PORT"]), timeout=10)
-metrics.request("GET", "/metrics")
-actors = [line for line in metrics.getresponse().read().decode().splitlines()
-          if line.startswith("monitor_gateway_tenant_actors ")]
+
+def tenant_actors():
+    metrics = http.client.HTTPConnection(GATEWAY.hostname, int(os.environ["ADMIN_PORT"]), timeout=10)
+    metrics.request("GET", "/metrics")
+    lines = metrics.getresponse().read().decode().splitlines()
+    values = [line.split()[-1] for line in lines if line.startswith("monitor_gateway_tenant_actors ")]
+    return float(values[0]) if values else None
+
+
+# The actors stop within 1.5 idle timeouts of their call; then the allocator returns the pages
+# they freed within its decay time.
+deadline = time.monotonic() + IDLE * 3 + 5
+while tenant_actors() != 0 and time.monotonic() < deadline:
+    time.sleep(0.5)
+time.sleep(DECAY + 1)
+idle = rss_bytes()
+actors = tenant_actors()
 
 n = len(instances) - 1
-print(f"idle tenants: {n} instances, one call each ({n / elapsed:.0f} calls/s)")
+print(f"idle tenants, verified-token cache {CACHE}: {n} instances, one call each ({n / elapsed:.0f} calls/s)")
 print(f"  RSS before                  : {base / 2**20:8.1f} MiB")
 print(f"  RSS with their actors alive : {alive / 2**20:8.1f} MiB   {(alive - base) / n:8.0f} bytes per instance")
 print(f"  RSS after they idled out    : {idle / 2**20:8.1f} MiB   {(idle - base) / n:8.0f} bytes per instance (target < 2048)")
-print(f"  tenant actors running then  : {actors[0].split()[-1] if actors else 'unknown'}")
+print(f"  tenant actors running then  : {'unknown' if actors is None else f'{actors:.0f}'}")

@@ -15,10 +15,12 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Settings;
 
-/// mimalloc hands freed pages back to the system, so memory that idle tenants released shows
-/// up as released; the system allocator keeps most of it.
+/// jemalloc, built with its background threads on: they return the pages that stopped tenant
+/// actors freed within its decay time (10 s by default; `_RJEM_MALLOC_CONF=dirty_decay_ms:N`
+/// changes it), however idle the threads that freed them are. With mimalloc or the system
+/// allocator that memory stayed resident after a burst of tenants idled out.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser)]
 #[command(name = "monitor-gateway", version, about)]
