@@ -127,6 +127,10 @@ impl Settings {
                 "clickhouse.timeout_seconds",
                 self.clickhouse.timeout_seconds,
             ),
+            (
+                "clickhouse.idle_connection_seconds",
+                self.clickhouse.idle_connection_seconds,
+            ),
             ("cube.timeout_seconds", self.cube.timeout_seconds),
             (
                 "cube.queue_timeout_seconds",

@@ -76,6 +76,8 @@ pub struct ClickHouseSettings {
     /// The gateway's own database, holding the registry.
     pub database: String,
     pub timeout_seconds: u64,
+    /// How long an idle connection is kept for reuse; below the server's `keep_alive_timeout`.
+    pub idle_connection_seconds: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

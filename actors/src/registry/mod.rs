@@ -5,6 +5,8 @@ use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clickhouse::{Client, Row};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 
 mod writer;
@@ -13,6 +15,9 @@ use writer::Writer;
 
 use crate::settings::ClickHouseSettings;
 use crate::tenancy::{InstanceId, ProjectId, TenantKey};
+
+/// Probes for a peer that vanished without closing the connection.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
 const EVENTS_TABLE_DDL: &str = include_str!("../../sql/snowplow_events.sql");
 
@@ -211,8 +216,9 @@ pub struct Registry {
 impl Registry {
     /// Starts the batching writer, so it must run inside the Tokio runtime.
     pub fn new(settings: &ClickHouseSettings) -> Self {
+        let idle = Duration::from_secs(settings.idle_connection_seconds);
         // Validation relies on RowBinaryWithNamesAndTypes, which older servers lack.
-        let client = Client::default()
+        let client = nodelay_client(idle)
             .with_url(&settings.url)
             .with_user(&settings.user)
             .with_password(&settings.password)
@@ -401,6 +407,20 @@ impl Registry {
             Err(_) => Err(RegistryError::Timeout(self.timeout)),
         }
     }
+}
+
+/// The crate's default HTTP client leaves Nagle's algorithm on. An INSERT streams its body
+/// after the headers, so its last segment waits for the server's delayed ACK: about one INSERT
+/// in five took 40 ms more on loopback. With `TCP_NODELAY` an INSERT costs what a DDL
+/// statement does.
+fn nodelay_client(idle: Duration) -> Client {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_keepalive(Some(TCP_KEEPALIVE));
+    let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(idle)
+        .build(connector);
+    Client::with_http_client(http)
 }
 
 fn unix_now() -> u32 {
