@@ -58,6 +58,7 @@ TOML
   "$BIN" --config "$work/gateway-$1.toml" serve >"$work/gateway-$1.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$2/readyz" >/dev/null && return 0; sleep 0.1; done
+  tail -n 20 "$work/gateway-$1.log" >&2
   echo "bench: the gateway on $1 did not become ready" >&2
   exit 1
 }
