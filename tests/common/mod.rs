@@ -465,6 +465,14 @@ impl PrivateClickHouse {
             .await
             .is_err()
         {
+            let exited = self
+                .server
+                .as_mut()
+                .and_then(|s| s.try_wait().ok().flatten());
+            assert!(
+                exited.is_none(),
+                "the private ClickHouse exited ({exited:?}); was one of its ports taken?"
+            );
             assert!(
                 Instant::now() < deadline,
                 "the private ClickHouse did not start"
