@@ -154,6 +154,10 @@ impl Settings {
                 self.tenants.purge_interval_seconds,
             ),
             ("tenants.query_burst", u64::from(self.tenants.query_burst)),
+            (
+                "tenants.max_concurrent_queries",
+                u64::from(self.tenants.max_concurrent_queries),
+            ),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(invalid(*key, "must be positive"));

@@ -114,6 +114,11 @@ fn describe() {
         "Cube requests the dispatcher refused, by reason (queue_full, expired, shutdown)"
     );
     describe_counter!(
+        "monitor_gateway_queries_refused_total",
+        "Queries refused for their instance, by reason (rate: its token bucket; concurrency: its \
+         queries in flight)"
+    );
+    describe_counter!(
         "monitor_gateway_queries_abandoned_total",
         "Queued Cube requests dropped because their caller had gone"
     );
@@ -145,6 +150,9 @@ fn register_at_zero() {
     }
     for reason in ["queue_full", "expired", "shutdown"] {
         metrics::counter!("monitor_gateway_queries_shed_total", "reason" => reason).absolute(0);
+    }
+    for reason in ["rate", "concurrency"] {
+        metrics::counter!("monitor_gateway_queries_refused_total", "reason" => reason).absolute(0);
     }
     for upstream in ["clickhouse", "cube"] {
         metrics::counter!("monitor_gateway_upstream_errors_total", "upstream" => upstream)

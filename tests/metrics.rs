@@ -47,3 +47,30 @@ async fn every_metric_on_the_dashboard_is_exported() {
         "plotted but not exported: {missing:?}\n{exported}"
     );
 }
+
+/// Grafana keys a panel's queries by `refId`; two alike make one of them vanish from the panel.
+#[test]
+fn every_query_of_a_panel_has_its_own_ref_id() {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/grafana/overview.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(!panels.is_empty());
+    for panel in panels {
+        let mut ids: Vec<&str> = panel["targets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|target| target["refId"].as_str().unwrap())
+            .collect();
+        let count = ids.len();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), count, "panel {}", panel["title"]);
+    }
+}

@@ -134,4 +134,6 @@ pub struct TenantSettings {
     pub query_rate_per_second: f64,
     /// Queries an instance may send at once above that rate.
     pub query_burst: u32,
+    /// Queries of one instance in flight at once (queued or at Cube); beyond it, 429.
+    pub max_concurrent_queries: u32,
 }

@@ -13,6 +13,7 @@ use tracing::{Instrument, info_span, warn};
 
 use crate::code::ErrorCode;
 use crate::lifecycle;
+use crate::query::QueryShare;
 use crate::registry::{ProjectRecord, ProjectStatus, Registry, RegistryError};
 use crate::settings::TenantSettings;
 use crate::tenancy::{InstanceId, ProjectId};
@@ -70,8 +71,12 @@ pub enum TenantMsg {
     Purge(ProjectId, u32, RpcReplyPort<Result<bool, TenantError>>),
     /// The project when it is ready to serve queries and collection.
     ReadyProject(ProjectId, RpcReplyPort<Result<ProjectRecord, TenantError>>),
-    /// The project for one query: ready, and within the instance's query rate.
-    AdmitQuery(ProjectId, RpcReplyPort<Result<ProjectRecord, TenantError>>),
+    /// The project for one query, ready and within the instance's query rate, with the
+    /// instance's places at Cube.
+    AdmitQuery(
+        ProjectId,
+        RpcReplyPort<Result<(ProjectRecord, QueryShare), TenantError>>,
+    ),
     /// The project in any status but purged.
     Project(ProjectId, RpcReplyPort<Result<ProjectRecord, TenantError>>),
     /// Every project not purged.
@@ -116,6 +121,8 @@ pub struct TenantState {
     reserved: HashSet<ProjectId>,
     /// The instance's query rate limit.
     queries: TokenBucket,
+    /// The instance's places at Cube.
+    share: QueryShare,
     last_active: Instant,
 }
 
@@ -143,6 +150,7 @@ impl Actor for TenantActor {
                 args.settings.query_rate_per_second,
                 args.settings.query_burst,
             ),
+            share: QueryShare::new(args.settings.max_concurrent_queries),
             last_active: Instant::now(),
             settings: args.settings,
         })
@@ -193,8 +201,15 @@ impl Actor for TenantActor {
                     state
                         .queries
                         .take()
-                        .map(|()| record)
-                        .map_err(TenantError::RateLimited)
+                        .map(|()| (record, state.share.clone()))
+                        .map_err(|retry_after| {
+                            metrics::counter!(
+                                "monitor_gateway_queries_refused_total",
+                                "reason" => "rate"
+                            )
+                            .increment(1);
+                            TenantError::RateLimited(retry_after)
+                        })
                 });
                 let _ = reply.send(admitted);
             }

@@ -9,6 +9,7 @@ use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tracing::warn;
 
+use crate::query::QueryShare;
 use crate::registry::{ProjectRecord, Registry};
 use crate::settings::TenantSettings;
 use crate::tenancy::{InstanceId, ProjectId};
@@ -155,12 +156,13 @@ impl Tenants {
             .await
     }
 
-    /// The project for one query: ready, and within the instance's rate limit.
+    /// The project for one query, ready and within the instance's rate limit, with the
+    /// instance's places at Cube.
     pub async fn admit_query(
         &self,
         instance: &InstanceId,
         project: ProjectId,
-    ) -> Result<ProjectRecord, TenantError> {
+    ) -> Result<(ProjectRecord, QueryShare), TenantError> {
         self.ask(instance, |reply| TenantMsg::AdmitQuery(project, reply))
             .await
     }

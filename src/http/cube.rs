@@ -63,14 +63,15 @@ async fn forward(
     };
     let query_string = check_request(endpoint, post, &body, query_string.as_deref())?;
 
-    let record = state
+    let (project, share) = state
         .tenants
         .admit_query(&identity.instance, project)
         .await?;
     let answer = state
         .queries
         .forward(CubeRequest {
-            project: record,
+            project,
+            share,
             endpoint,
             post,
             query_string,

@@ -120,10 +120,15 @@ impl From<TenantError> for ApiError {
 
 impl From<QueryError> for ApiError {
     fn from(err: QueryError) -> Self {
-        let error = Self::new(err.code(), err.to_string());
+        let mut error = Self::new(err.code(), err.to_string());
         match err {
             // Cube itself failing is a bad gateway; the dispatcher being gone is ours (503).
             QueryError::Upstream(_) => error.with_status(StatusCode::BAD_GATEWAY),
+            // A place comes free as soon as one of the instance's queries ends.
+            QueryError::TooManyQueries(_) => {
+                error.retry_after = Some(1);
+                error
+            }
             _ => error,
         }
     }

@@ -19,6 +19,7 @@ use ractor::factory::{
 };
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::code::ErrorCode;
 use crate::registry::ProjectRecord;
@@ -67,9 +68,37 @@ impl CubeEndpoint {
     }
 }
 
+/// An instance's places at Cube: its requests running there or queued for it, bounded so that
+/// one instance's slow dashboards cannot take the whole dispatcher. Answers from the result
+/// cache, and callers sharing another's request, take none.
+#[derive(Debug, Clone)]
+pub struct QueryShare {
+    places: Arc<Semaphore>,
+    limit: u32,
+}
+
+impl QueryShare {
+    pub fn new(limit: u32) -> Self {
+        Self {
+            places: Arc::new(Semaphore::new(limit as usize)),
+            limit,
+        }
+    }
+
+    fn take(&self) -> Result<OwnedSemaphorePermit, QueryError> {
+        Arc::clone(&self.places).try_acquire_owned().map_err(|_| {
+            metrics::counter!("monitor_gateway_queries_refused_total", "reason" => "concurrency")
+                .increment(1);
+            QueryError::TooManyQueries(self.limit)
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct CubeRequest {
     pub project: ProjectRecord,
+    /// The places of the project's instance.
+    pub share: QueryShare,
     pub endpoint: CubeEndpoint,
     /// POST with `body`, or GET with `query_string`.
     pub post: bool,
@@ -106,6 +135,11 @@ pub enum QueryError {
     QueueTimeout,
     #[error("the query dispatcher is unavailable")]
     Unavailable,
+    #[error(
+        "this instance already has {0} queries at Cube or waiting for it, the most allowed; \
+         retry when one ends"
+    )]
+    TooManyQueries(u32),
 }
 
 impl QueryError {
@@ -116,6 +150,7 @@ impl QueryError {
             Self::Upstream(_) | Self::Unavailable => ErrorCode::UpstreamUnavailable,
             Self::Timeout => ErrorCode::UpstreamTimeout,
             Self::Overloaded | Self::QueueTimeout => ErrorCode::Overloaded,
+            Self::TooManyQueries(_) => ErrorCode::RateLimited,
         }
     }
 }
@@ -243,6 +278,8 @@ impl Queries {
 
     /// One request through the dispatcher's queue and one of its workers.
     async fn dispatch(&self, request: CubeRequest) -> Result<CubeResponse, QueryError> {
+        // Held until Cube's answer is in hand, or the request is shed.
+        let _place = request.share.take()?;
         let dispatcher: ActorRef<DispatcherMsg> = ractor::registry::where_is(QUERY_DISPATCHER)
             .ok_or(QueryError::Unavailable)?
             .into();
@@ -322,6 +359,7 @@ mod tests {
         let instance = InstanceId::parse("00000000-0000-0000-0000-000000000001").unwrap();
         CubeRequest {
             project: ProjectRecord::new(instance, ProjectId::new(1).unwrap()),
+            share: QueryShare::new(100),
             endpoint,
             post: false,
             query_string: None,
