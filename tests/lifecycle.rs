@@ -624,3 +624,63 @@ async fn a_delete_whose_write_was_lost_is_written_again_when_repeated() {
         "{shown}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_never_brings_back_a_project_deleted_meanwhile() {
+    let issuer = Issuer::start().await;
+    let gateway = Gateway::start(&[&issuer]).await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+    let projects: Vec<u64> = (1..=60).collect();
+    // Onboardings a crash left half-done, as the registry holds them.
+    let rows: Vec<String> = projects
+        .iter()
+        .map(|p| {
+            format!(
+                "('{instance}', {p}, '{}', 'provisioning', now(), now(), 1, toDateTime(0))",
+                tenant_key(&instance, *p)
+            )
+        })
+        .collect();
+    clickhouse(&format!(
+        "INSERT INTO monitor_gateway.projects VALUES {}",
+        rows.join(", ")
+    ))
+    .await;
+
+    // The instance deletes them all while reconciliation works through them.
+    let reconcile = async {
+        let response = gateway
+            .http
+            .post(format!("{}/reconcile", gateway.admin_url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    };
+    let deletes = projects
+        .iter()
+        .rev()
+        .map(|project| gateway.call(Method::DELETE, project_path(*project), &token, &instance));
+    let ((), answers) = tokio::join!(reconcile, join_all(deletes));
+    for (status, body) in answers {
+        assert_eq!(
+            (status, &body["status"]),
+            (200, &json!("deprovisioned")),
+            "{body}"
+        );
+    }
+
+    for project in &projects {
+        let (status, shown) = gateway
+            .call(Method::GET, project_path(*project), &token, &instance)
+            .await;
+        assert_eq!(
+            (status, shown["status"].as_str()),
+            (200, Some("deprovisioned")),
+            "{project}: {shown}"
+        );
+        let key = tenant_key(&instance, *project);
+        assert_eq!(registry_status(&key).await, "deprovisioned", "{project}");
+    }
+}

@@ -146,7 +146,10 @@ async fn one_instance_cannot_hold_more_than_its_share_of_queries_in_flight() {
     for (_, retry_after, body) in &refused {
         assert_eq!(body["error"]["code"], "rate_limited", "{body}");
         let message = body["error"]["message"].as_str().unwrap();
-        assert!(message.contains("already has 2 queries at Cube"), "{message}");
+        assert!(
+            message.contains("already has 2 queries at Cube"),
+            "{message}"
+        );
         assert_eq!(retry_after.as_deref(), Some("1"));
     }
     // The other instance had its own share the whole time.

@@ -115,10 +115,12 @@ impl HousekeeperArgs {
             let key = project.tenant_key.to_string();
             match self
                 .tenants
-                .onboard(&project.instance, project.project)
+                .finish_onboarding(&project.instance, project.project)
                 .await
             {
-                Ok(_) => report.completed.push(key),
+                Ok(true) => report.completed.push(key),
+                // Finished, deleted or purged since the registry was read.
+                Ok(false) => {}
                 Err(err) => {
                     warn!(tenant_key = %key, error = %err, "cannot finish a half-done onboarding");
                     report.failed.push(key);

@@ -69,6 +69,9 @@ pub enum TenantMsg {
     Deprovision(ProjectId, RpcReplyPort<Result<ProjectRecord, TenantError>>),
     /// Drops the project's database if it was deprovisioned before the cutoff (Unix seconds).
     Purge(ProjectId, u32, RpcReplyPort<Result<bool, TenantError>>),
+    /// Finishes the project's onboarding if it is still `provisioning` when its turn comes;
+    /// false when there was nothing to finish (finished, deprovisioned or purged meanwhile).
+    Finish(ProjectId, RpcReplyPort<Result<bool, TenantError>>),
     /// The project when it is ready to serve queries and collection.
     ReadyProject(ProjectId, RpcReplyPort<Result<ProjectRecord, TenantError>>),
     /// The project for one query, ready and within the instance's query rate, with the
@@ -95,6 +98,7 @@ enum Change {
     Onboard(RpcReplyPort<Result<Onboarded, TenantError>>),
     Deprovision(RpcReplyPort<Result<ProjectRecord, TenantError>>),
     Purge(u32, RpcReplyPort<Result<bool, TenantError>>),
+    Finish(RpcReplyPort<Result<bool, TenantError>>),
 }
 
 pub struct TenantActor;
@@ -189,6 +193,9 @@ impl Actor for TenantActor {
             }
             TenantMsg::Purge(project, cutoff, reply) => {
                 state.enqueue(&myself, project, Change::Purge(cutoff, reply));
+            }
+            TenantMsg::Finish(project, reply) => {
+                state.enqueue(&myself, project, Change::Finish(reply));
             }
             TenantMsg::ChangeDone(project, record, uncertain) => {
                 state.finish(&myself, project, record, uncertain);
@@ -303,6 +310,19 @@ impl TenantState {
                         change = self.next_waiting(project);
                     }
                 },
+                // Decided now, after every change queued before it: a project deleted since
+                // reconciliation read the registry stays deleted.
+                Change::Finish(reply) => {
+                    let provisioning = self
+                        .projects
+                        .get(&project)
+                        .is_some_and(|r| r.status == ProjectStatus::Provisioning);
+                    if provisioning {
+                        return self.spawn_change(myself, project, Change::Finish(reply));
+                    }
+                    let _ = reply.send(Ok(false));
+                    change = self.next_waiting(project);
+                }
                 other => return self.spawn_change(myself, project, other),
             }
         }
@@ -348,6 +368,13 @@ impl TenantState {
                             lifecycle::deprovision(&registry, project, current, uncertain).await;
                         report(&myself, project, &step);
                         let _ = reply.send(step.outcome);
+                    }
+                    Change::Finish(reply) => {
+                        let step =
+                            lifecycle::onboard(&registry, &instance, project, current, uncertain)
+                                .await;
+                        report(&myself, project, &step);
+                        let _ = reply.send(step.outcome.map(|_| true));
                     }
                     Change::Purge(cutoff, reply) => {
                         let step = lifecycle::purge(&registry, current, cutoff, uncertain).await;

@@ -199,6 +199,17 @@ impl Tenants {
             .await
     }
 
+    /// Finishes a half-done onboarding unless a later change got there first; false when there
+    /// was nothing left to finish.
+    pub async fn finish_onboarding(
+        &self,
+        instance: &InstanceId,
+        project: ProjectId,
+    ) -> Result<bool, TenantError> {
+        self.ask(instance, |reply| TenantMsg::Finish(project, reply))
+            .await
+    }
+
     pub async fn purge(
         &self,
         instance: &InstanceId,
