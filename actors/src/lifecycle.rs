@@ -42,8 +42,7 @@ impl<T> Step<T> {
 }
 
 /// Moves the project through `provisioning` to `ready`, resuming wherever a previous attempt
-/// stopped: the registry holds `provisioning` before it can hold `ready`, and `ready` only once
-/// the database and table exist. A deprovisioned project comes back with its data; a purged one starts empty.
+/// stopped. A deprovisioned project comes back with its data; a purged one starts empty.
 /// `uncertain` says the remembered record may not be what the registry holds.
 pub async fn onboard(
     registry: &Registry,
@@ -75,18 +74,14 @@ pub async fn onboard(
         Some(purged) => purged.reborn(),
         None => ProjectRecord::new(instance.clone(), project),
     };
-    // The `provisioning` version and the DDL go out together: both are safe to repeat, and
-    // `ready` is written only once both have succeeded. A crash before the `provisioning` write
-    // landed leaves at most a tenant database with no registry entry, which reconciliation
-    // reports and the project's next onboarding adopts.
-    let (recorded, created) = tokio::join!(
-        registry.record(&provisioning),
-        registry.create_tenant_database(&provisioning.tenant_key),
-    );
-    if let Err(err) = recorded {
+    if let Err(err) = registry.record(&provisioning).await {
         return Step::unknown(err, provisioning);
     }
-    if let Err(err) = created {
+
+    if let Err(err) = registry
+        .create_tenant_database(&provisioning.tenant_key)
+        .await
+    {
         warn!(error = %err, "tenant database creation failed; the project stays provisioning");
         return Step::done(Err(err.into()), Some(provisioning));
     }
