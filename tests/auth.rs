@@ -382,20 +382,42 @@ async fn an_oversized_declared_body_is_refused_before_it_is_read() {
     let token = issuer.token(&instance);
     gateway.onboard(&token, &instance, 1).await;
 
+    // Routes that read a body and routes that ignore one alike.
     let address = gateway.url.trim_start_matches("http://").to_owned();
-    let mut socket = tokio::net::TcpStream::connect(&address).await.unwrap();
-    let request = format!(
-        "POST /v1/product-analytics/projects/1/cubejs-api/v1/load HTTP/1.1\r\nHost: {address}\r\n\
-         Authorization: Bearer {token}\r\nX-Gitlab-Instance-Id: {instance}\r\n\
-         Content-Type: application/json\r\nContent-Length: 999999999\r\n\r\n{{}}"
-    );
-    socket.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = vec![0u8; 4096];
-    let read = tokio::time::timeout(Duration::from_secs(10), socket.read(&mut answer))
-        .await
-        .expect("the gateway answers without waiting for the body")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer[..read]);
-    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
-    assert!(answer.contains("payload_too_large"), "{answer}");
+    for (method, path) in [
+        (
+            "POST",
+            "/v1/product-analytics/projects/1/cubejs-api/v1/load",
+        ),
+        ("PUT", "/v1/product-analytics/projects/2"),
+    ] {
+        let mut socket = tokio::net::TcpStream::connect(&address).await.unwrap();
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {address}\r\n\
+             Authorization: Bearer {token}\r\nX-Gitlab-Instance-Id: {instance}\r\n\
+             Content-Type: application/json\r\nContent-Length: 999999999\r\n\r\n{{}}"
+        );
+        socket.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = vec![0u8; 4096];
+        let read = tokio::time::timeout(Duration::from_secs(10), socket.read(&mut answer))
+            .await
+            .expect("the gateway answers without waiting for the body")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer[..read]);
+        assert!(
+            answer.starts_with("HTTP/1.1 413"),
+            "{method} {path}: {answer}"
+        );
+        assert!(answer.contains("payload_too_large"), "{answer}");
+    }
+    // Nothing was onboarded by the refused PUT.
+    let (status, _) = gateway
+        .call(
+            reqwest::Method::GET,
+            "/v1/product-analytics/projects/2".to_owned(),
+            &token,
+            &instance,
+        )
+        .await;
+    assert_eq!(status, 404);
 }

@@ -43,6 +43,13 @@ impl ApiError {
         self
     }
 
+    pub fn payload_too_large(limit: usize) -> Self {
+        Self::new(
+            ErrorCode::PayloadTooLarge,
+            format!("the request body is larger than {limit} bytes"),
+        )
+    }
+
     pub fn not_found() -> Self {
         Self::new(ErrorCode::NotFound, "no such endpoint")
     }

@@ -47,14 +47,36 @@ pub struct AppState {
 }
 
 pub fn public_router(state: AppState, request_timeout: Duration) -> Router {
+    let max_body_bytes = state.max_body_bytes;
     let router = Router::new()
         .route("/.well-known/jwks.json", get(jwks))
         .merge(projects::routes())
         .merge(cube::routes())
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
-        .with_state(state);
+        .with_state(state)
+        .layer(middleware::from_fn_with_state(
+            max_body_bytes,
+            refuse_oversized_bodies,
+        ));
     with_edge_layers(router, request_timeout)
+}
+
+/// A body declared larger than the limit is refused on every route, before it is read and
+/// before authentication; routes that read a body also stop at the limit when none is declared.
+async fn refuse_oversized_bodies(
+    State(limit): State<usize>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return ApiError::payload_too_large(limit).into_response();
+    }
+    next.run(request).await
 }
 
 pub fn admin_router(
