@@ -8,7 +8,8 @@
 #
 # Uses the demo profile (scripts/demo.sh brings it up with a project and sample events) and a
 # gateway of its own on 127.0.0.1:47280, sharing the demo gateway's signing key so Cube trusts
-# it, with rate limits and queue bounds raised out of the way. wrk runs stop by themselves.
+# it, with rate limits, the per-instance share and queue bounds raised out of the way. wrk runs
+# stop by themselves.
 
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -40,6 +41,7 @@ level = "warn"
 [tenants]
 query_rate_per_second = 1000000.0
 query_burst = 1000000
+max_concurrent_queries = 100000
 [cube]
 url = "http://127.0.0.1:14000"
 max_concurrent_queries = 64
