@@ -188,3 +188,50 @@ async fn prefer_wait_waits_out_continue_wait_and_answers_the_data() {
     let asked = cube_loads(scene.gateway.metrics().await) - before;
     assert!(asked >= 2.0, "the gateway asked Cube {asked} times");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_hangs_up_keeps_its_place_until_cube_is_done() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cube-slow");
+    let cube = PrivateCube::start_from(&dir, "warn").await;
+    let env = [
+        ("CUBE__URL", cube.url()),
+        ("CUBE__RESULT_CACHE_SECONDS", "0".to_owned()),
+        ("TENANTS__MAX_CONCURRENT_QUERIES", "1".to_owned()),
+    ];
+    let scene = Scene::with_env(1, &vec![event("page_view", "u", "/"); 2], &env).await;
+    let meta = || async {
+        scene
+            .gateway
+            .api(
+                Method::GET,
+                "/v1/product-analytics/projects/1/cubejs-api/v1/meta",
+                &scene.token,
+                &scene.instance,
+            )
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(meta().await, 200);
+
+    // Cube works on this for about a second (then says "Continue wait"); the caller leaves.
+    let gone = scene
+        .gateway
+        .api(Method::POST, LOAD, &scene.token, &scene.instance)
+        .json(&json!({ "query": { "measures": [SLOW_COUNT] } }))
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(gone.is_err(), "{gone:?}");
+
+    // The instance's one place is still taken while Cube works on the abandoned request.
+    assert_eq!(meta().await, 429);
+    eventually(
+        Duration::from_secs(15),
+        "the place never came back",
+        || async { meta().await == 200 },
+    )
+    .await;
+}

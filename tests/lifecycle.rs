@@ -684,3 +684,47 @@ async fn reconciliation_never_brings_back_a_project_deleted_meanwhile() {
         assert_eq!(registry_status(&key).await, "deprovisioned", "{project}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_finishes_a_provisioning_row_its_running_tenant_has_not_seen() {
+    let issuer = Issuer::start().await;
+    let gateway = Gateway::start(&[&issuer]).await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+    // The instance's tenant is running, with its projects loaded.
+    gateway.onboard(&token, &instance, 1).await;
+    // Another gateway over the same registry started onboarding project 2 and stopped.
+    let key = tenant_key(&instance, 2);
+    clickhouse(&format!(
+        "INSERT INTO monitor_gateway.projects VALUES \
+         ('{instance}', 2, '{key}', 'provisioning', now(), now(), 1, toDateTime(0))"
+    ))
+    .await;
+
+    let report: Value = gateway
+        .http
+        .post(format!("{}/reconcile", gateway.admin_url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        report["completed"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(key)),
+        "{report}"
+    );
+    assert_eq!(registry_status(&key).await, "ready");
+    let (status, shown) = gateway
+        .call(Method::GET, project_path(2), &token, &instance)
+        .await;
+    assert_eq!(
+        (status, shown["status"].as_str()),
+        (200, Some("ready")),
+        "{shown}"
+    );
+    assert!(database_exists(shown["database"].as_str().unwrap()).await);
+}

@@ -233,8 +233,10 @@ impl Actor for TenantActor {
             TenantMsg::IdleCheck => {
                 let idle = Duration::from_secs(state.settings.idle_timeout_seconds);
                 // A project with a write of unknown outcome keeps the actor: reloading from the
-                // registry could miss a write that lands later.
-                let settled = state.running.is_empty() && state.uncertain.is_empty();
+                // registry could miss a write that lands later. So do queries at Cube: a new
+                // actor would start the instance's share afresh.
+                let settled =
+                    state.running.is_empty() && state.uncertain.is_empty() && !state.share.in_use();
                 if settled && state.last_active.elapsed() >= idle {
                     myself.stop(Some("idle".to_owned()));
                 }
@@ -313,15 +315,29 @@ impl TenantState {
                 // Decided now, after every change queued before it: a project deleted since
                 // reconciliation read the registry stays deleted.
                 Change::Finish(reply) => {
-                    let provisioning = self
-                        .projects
-                        .get(&project)
-                        .is_some_and(|r| r.status == ProjectStatus::Provisioning);
-                    if provisioning {
-                        return self.spawn_change(myself, project, Change::Finish(reply));
+                    let unfinished = match self.projects.get(&project) {
+                        // Written by another gateway since this tenant loaded its projects.
+                        None => true,
+                        Some(record) => {
+                            record.status == ProjectStatus::Provisioning
+                                || (record.status == ProjectStatus::Ready
+                                    && self.uncertain.contains(&project))
+                        }
+                    };
+                    if !unfinished {
+                        let _ = reply.send(Ok(false));
+                        change = self.next_waiting(project);
+                        continue;
                     }
-                    let _ = reply.send(Ok(false));
-                    change = self.next_waiting(project);
+                    match self.admit_onboarding(project) {
+                        Ok(()) => {
+                            return self.spawn_change(myself, project, Change::Finish(reply));
+                        }
+                        Err(err) => {
+                            let _ = reply.send(Err(err));
+                            change = self.next_waiting(project);
+                        }
+                    }
                 }
                 other => return self.spawn_change(myself, project, other),
             }

@@ -85,6 +85,11 @@ impl QueryShare {
         }
     }
 
+    /// Whether any of the instance's requests is at Cube or queued for it.
+    pub fn in_use(&self) -> bool {
+        self.places.available_permits() < self.limit as usize
+    }
+
     fn take(&self) -> Result<OwnedSemaphorePermit, QueryError> {
         Arc::clone(&self.places).try_acquire_owned().map_err(|_| {
             metrics::counter!("monitor_gateway_queries_refused_total", "reason" => "concurrency")
@@ -278,8 +283,9 @@ impl Queries {
 
     /// One request through the dispatcher's queue and one of its workers.
     async fn dispatch(&self, request: CubeRequest) -> Result<CubeResponse, QueryError> {
-        // Held until Cube's answer is in hand, or the request is shed.
-        let _place = request.share.take()?;
+        // Travels with the job, so it is held for as long as Cube works on the request, even
+        // if this caller stops waiting.
+        let place = request.share.take()?;
         let dispatcher: ActorRef<DispatcherMsg> = ractor::registry::where_is(QUERY_DISPATCHER)
             .ok_or(QueryError::Unavailable)?
             .into();
@@ -290,6 +296,7 @@ impl Queries {
                 |reply| QueryJob {
                     request,
                     reply: Some(reply),
+                    place,
                 },
                 JobOptions::new(Some(self.queue_timeout)),
                 Some(self.deadline),

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::OwnedSemaphorePermit;
 
 use ractor::factory::{FactoryMessage, Job, Worker, WorkerId};
 use ractor::{ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -24,6 +25,9 @@ const IDLE_CONNECTIONS: usize = 2;
 pub struct QueryJob {
     pub request: Box<CubeRequest>,
     pub reply: Option<RpcReplyPort<Result<CubeResponse, QueryError>>>,
+    /// The instance's place at Cube, given back when the job is done with: answered by Cube,
+    /// shed, or dropped with a stopped worker. A caller that hangs up frees none.
+    pub place: OwnedSemaphorePermit,
 }
 
 impl QueryJob {
@@ -81,13 +85,18 @@ impl Worker for CubeWorker {
         Job { key, msg, .. }: Job<(), QueryJob>,
         state: &mut CubeWorkerState,
     ) -> Result<(), ActorProcessingErr> {
-        let QueryJob { request, reply } = msg;
+        let QueryJob {
+            request,
+            reply,
+            place,
+        } = msg;
         // The caller gave up while the job waited: asking Cube now would be wasted work.
         let Some(reply) = reply.filter(|reply| !reply.is_closed()) else {
             metrics::counter!("monitor_gateway_queries_abandoned_total").increment(1);
             return Ok(key);
         };
         let answer = state.forward(*request).await;
+        drop(place);
         if let Err(QueryError::Upstream(_) | QueryError::Timeout) = &answer {
             metrics::counter!("monitor_gateway_upstream_errors_total", "upstream" => "cube")
                 .increment(1);
