@@ -34,6 +34,18 @@ async fn registry_status(key: &str) -> String {
     .to_owned()
 }
 
+/// Runs reconciliation on the admin listener and returns its report.
+async fn reconcile(gateway: &Gateway) -> Value {
+    let response = gateway
+        .http
+        .post(format!("{}/reconcile", gateway.admin_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_is_idempotent_stops_queries_and_keeps_the_data() {
     let issuer = Issuer::start().await;
@@ -383,15 +395,8 @@ async fn a_gateway_killed_mid_onboarding_leaves_nothing_the_next_attempt_cannot_
 
     drop(gateway);
     let gateway = Gateway::start(&[&issuer]).await;
-    let response = gateway
-        .http
-        .post(format!("{}/reconcile", gateway.admin_url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    let report = reconcile(&gateway).await;
     let ours: Vec<String> = projects.iter().map(|p| tenant_key(&instance, *p)).collect();
-    let report: Value = response.json().await.unwrap();
     assert!(
         report["failed"]
             .as_array()
@@ -409,15 +414,7 @@ async fn a_gateway_killed_mid_onboarding_leaves_nothing_the_next_attempt_cannot_
         assert_eq!(body["status"], "ready");
         assert!(database_exists(body["database"].as_str().unwrap()).await);
     }
-    let report: Value = gateway
-        .http
-        .post(format!("{}/reconcile", gateway.admin_url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let report = reconcile(&gateway).await;
     let leftovers = |field: &str| {
         report[field]
             .as_array()
@@ -649,20 +646,14 @@ async fn reconciliation_never_brings_back_a_project_deleted_meanwhile() {
     .await;
 
     // The instance deletes them all while reconciliation works through them.
-    let reconcile = async {
-        let response = gateway
-            .http
-            .post(format!("{}/reconcile", gateway.admin_url))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
+    let reconciling = async {
+        reconcile(&gateway).await;
     };
     let deletes = projects
         .iter()
         .rev()
         .map(|project| gateway.call(Method::DELETE, project_path(*project), &token, &instance));
-    let ((), answers) = tokio::join!(reconcile, join_all(deletes));
+    let ((), answers) = tokio::join!(reconciling, join_all(deletes));
     for (status, body) in answers {
         assert_eq!(
             (status, &body["status"]),
@@ -701,15 +692,7 @@ async fn reconciliation_finishes_a_provisioning_row_its_running_tenant_has_not_s
     ))
     .await;
 
-    let report: Value = gateway
-        .http
-        .post(format!("{}/reconcile", gateway.admin_url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let report = reconcile(&gateway).await;
     assert!(
         report["completed"]
             .as_array()

@@ -101,6 +101,17 @@ enum Change {
     Finish(RpcReplyPort<Result<bool, TenantError>>),
 }
 
+impl Change {
+    /// Answers the change's caller with a refusal.
+    fn refuse(self, err: TenantError) {
+        match self {
+            Self::Onboard(reply) => drop(reply.send(Err(err))),
+            Self::Deprovision(reply) => drop(reply.send(Err(err))),
+            Self::Purge(_, reply) | Self::Finish(reply) => drop(reply.send(Err(err))),
+        }
+    }
+}
+
 pub struct TenantActor;
 
 pub struct TenantArgs {
@@ -304,44 +315,32 @@ impl TenantState {
         let mut change = Some(change);
         while let Some(next) = change.take() {
             match next {
-                Change::Onboard(reply) => match self.admit_onboarding(project) {
-                    Ok(()) => return self.spawn_change(myself, project, Change::Onboard(reply)),
+                // Decided now, after every change queued before it: a project deleted since
+                // reconciliation read the registry stays deleted.
+                Change::Finish(reply) if !self.unfinished(project) => {
+                    let _ = reply.send(Ok(false));
+                    change = self.next_waiting(project);
+                }
+                Change::Onboard(_) | Change::Finish(_) => match self.admit_onboarding(project) {
+                    Ok(()) => return self.spawn_change(myself, project, next),
                     // Refused at once; the next waiting change may still go ahead.
                     Err(err) => {
-                        let _ = reply.send(Err(err));
+                        next.refuse(err);
                         change = self.next_waiting(project);
                     }
                 },
-                // Decided now, after every change queued before it: a project deleted since
-                // reconciliation read the registry stays deleted.
-                Change::Finish(reply) => {
-                    let unfinished = match self.projects.get(&project) {
-                        // Written by another gateway since this tenant loaded its projects.
-                        None => true,
-                        Some(record) => {
-                            record.status == ProjectStatus::Provisioning
-                                || (record.status == ProjectStatus::Ready
-                                    && self.uncertain.contains(&project))
-                        }
-                    };
-                    if !unfinished {
-                        let _ = reply.send(Ok(false));
-                        change = self.next_waiting(project);
-                        continue;
-                    }
-                    match self.admit_onboarding(project) {
-                        Ok(()) => {
-                            return self.spawn_change(myself, project, Change::Finish(reply));
-                        }
-                        Err(err) => {
-                            let _ = reply.send(Err(err));
-                            change = self.next_waiting(project);
-                        }
-                    }
-                }
                 other => return self.spawn_change(myself, project, other),
             }
         }
+    }
+
+    /// Whether a half-done onboarding is still there to finish: still provisioning, ready with a
+    /// write of unknown outcome, or written by another gateway since this tenant loaded.
+    fn unfinished(&self, project: ProjectId) -> bool {
+        self.projects.get(&project).is_none_or(|record| {
+            record.status == ProjectStatus::Provisioning
+                || (record.status == ProjectStatus::Ready && self.uncertain.contains(&project))
+        })
     }
 
     /// The quota, checked when an onboarding would add a project that is not already counted.
