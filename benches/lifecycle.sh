@@ -13,16 +13,23 @@
 #
 #   benches/lifecycle.sh     # PROJECTS=200 CONCURRENCY=8 ROUNDS=3 TENANTS=10000 DECAY_SECONDS=10
 #   ONBOARDING=0 benches/lifecycle.sh   # the memory part only
+#   MEMORY=0 benches/lifecycle.sh       # the onboarding part only
 #
 # Runs on the test profile's ClickHouse and Cube (started if needed, stopped again if it started
 # them) with its own gateway and issuer on 127.0.0.1:4718x. Every loop is bounded.
+#
+# ClickHouse's cost per file it creates depends on the filesystem. On ext4 without a journal
+# (these machines' disks), creating a file scans past every inode deleted in the last minutes,
+# so the figures drift with whatever deleted files before (a wiped test stack, the last round's
+# databases). STACK_ROOT=/dev/shm/monitor-gateway-bench keeps the stack's files in memory, which
+# gives steadier figures; the onboarding part prints the CPU each side cost ClickHouse.
 
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 export PROJECTS=${PROJECTS:-200} CONCURRENCY=${CONCURRENCY:-8} ROUNDS=${ROUNDS:-3}
 export TENANTS=${TENANTS:-10000} DECAY_SECONDS=${DECAY_SECONDS:-10}
-readonly ONBOARDING=${ONBOARDING:-1}
+readonly ONBOARDING=${ONBOARDING:-1} MEMORY=${MEMORY:-1}
 readonly PORT=47180 ADMIN=47190 ISSUER_PORT=47181 IDLE_SECONDS=5
 export CLICKHOUSE=http://127.0.0.1:28123
 
@@ -91,10 +98,16 @@ if [[ $ONBOARDING != 0 ]]; then
   TOKEN=$("$BIN" dev token --dir "$work/issuer" --instance-id "$INSTANCE" --issuer "http://127.0.0.1:$ISSUER_PORT")
   export TOKEN
   echo "bench: onboarding $PROJECTS projects x $ROUNDS rounds at concurrency $CONCURRENCY" >&2
-  python3 benches/lifecycle_onboarding.py
+  CLICKHOUSE_PID=$(cat "${STACK_ROOT:-.stack}/test/clickhouse/clickhouse.pid") GATEWAY_PID=$GATEWAY_PID \
+    python3 benches/lifecycle_onboarding.py
+  curl -s "http://127.0.0.1:$ADMIN/metrics" | awk '
+    /^monitor_gateway_registry_batch_rows_sum/ { rows = $2 }
+    /^monitor_gateway_registry_batch_rows_count/ { inserts = $2 }
+    END { if (inserts) printf "  registry INSERTs    : %d for %d rows (%.1f rows each)\n", inserts, rows, rows / inserts }'
   kill "$GATEWAY_PID"; wait "$GATEWAY_PID" 2>/dev/null || true
 fi
 
+[[ $MEMORY != 0 ]] || exit 0
 echo "bench: memory with $TENANTS idle tenants" >&2
 python3 -c 'import uuid; [print(uuid.uuid4()) for _ in range('"$TENANTS"')]' >"$work/instances"
 mapfile -t instances <"$work/instances"

@@ -23,18 +23,18 @@
 # Overrides (read by `up`; `status` and `down` use what `up` recorded): CLICKHOUSE_HTTP_PORT,
 # CLICKHOUSE_TCP_PORT, CLICKHOUSE_INTERSERVER_PORT, CUBE_PORT, CUBE_JWK_URL, CUBE_LOG_LEVEL
 # (error, warn, info or trace; default warn), STACK_WAIT_SECONDS (readiness timeout, default 60),
-# STACK_STOP_SECONDS (SIGTERM grace period before SIGKILL, default 20). Other CUBEJS_* variables
+# STACK_STOP_SECONDS (SIGTERM grace period before SIGKILL, default 20), STACK_ROOT (where this
+# script keeps the profiles' state, default .stack at the repository root). Other CUBEJS_* variables
 # of the caller are not passed to Cube.
 #
-# All state (data, tmp, logs, pid files, generated configs) lives in .stack/<profile>/ at the
-# repository root: clickhouse/{config.xml,users.xml,data,tmp,log,...}, cube/{cube.log,cube.pid},
-# ports.env.
+# All state (data, tmp, logs, pid files, generated configs) lives in $STACK_ROOT/<profile>/:
+# clickhouse/{config.xml,users.xml,data,tmp,log,...}, cube/{cube.log,cube.pid}, ports.env.
 
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly REPO_ROOT
-readonly STACK_ROOT="$REPO_ROOT/.stack"
+readonly STACK_ROOT="${STACK_ROOT:-$REPO_ROOT/.stack}"
 readonly CUBE_DIR="$REPO_ROOT/config/cube"
 readonly CH_TEMPLATE_DIR="$REPO_ROOT/config/clickhouse"
 readonly CH_SERVER_BIN="/usr/sbin/clickhouse-server"
