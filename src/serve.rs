@@ -78,7 +78,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         max_body_bytes: settings.server.max_body_bytes,
         max_result_wait: Duration::from_secs(settings.cube.timeout_seconds),
     };
-    let readiness = Readiness::new(auth, registry, &settings.cube.url);
+    let readiness = Readiness::new(auth, registry.clone(), &settings.cube.url);
     let request_timeout = Duration::from_secs(settings.server.request_timeout_seconds);
     let housekeeping = Housekeeping::new(request_timeout);
 
@@ -120,6 +120,13 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             ?grace,
             "in-flight requests did not finish within the shutdown grace period"
         );
+    }
+    // Rows written behind an answer are stored before the process ends; any that are not
+    // leave their projects `provisioning`, which the next start's reconciliation finishes.
+    match tokio::time::timeout(grace, registry.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => warn!(error = %err, "the last registry writes failed"),
+        Err(_) => warn!(?grace, "the last registry writes did not finish in time"),
     }
     root.stop(Some("shutdown".to_owned()));
     info!("stopped");

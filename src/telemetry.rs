@@ -131,6 +131,10 @@ fn describe() {
         "Registry rows per INSERT"
     );
     describe_counter!(
+        "monitor_gateway_registry_write_failures_total",
+        "Registry INSERTs that failed or timed out (their rows are written again)"
+    );
+    describe_counter!(
         "monitor_gateway_actor_failures_total",
         "Supervised actor failures by actor"
     );
@@ -145,6 +149,7 @@ fn register_at_zero() {
         "monitor_gateway_projects_onboarded_total",
         "monitor_gateway_projects_deprovisioned_total",
         "monitor_gateway_projects_purged_total",
+        "monitor_gateway_registry_write_failures_total",
     ] {
         metrics::counter!(counter).absolute(0);
     }

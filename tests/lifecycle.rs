@@ -34,6 +34,16 @@ async fn registry_status(key: &str) -> String {
     .to_owned()
 }
 
+/// Waits for the registry to show `status`: an onboarding's `ready` row is written behind its
+/// answer.
+async fn registry_settles(key: &str, status: &str) {
+    let what = format!("the registry shows {key} as {status}");
+    common::eventually(Duration::from_secs(5), &what, || async {
+        registry_status(key).await == status
+    })
+    .await;
+}
+
 /// Runs reconciliation on the admin listener and returns its report.
 async fn reconcile(gateway: &Gateway) -> Value {
     let response = gateway
@@ -146,10 +156,7 @@ async fn concurrent_put_and_delete_end_consistent() {
             .call(Method::GET, project_path(600), &token, &instance)
             .await;
         assert_eq!(status, 200);
-        assert_eq!(
-            shown["status"].as_str().unwrap(),
-            registry_status(&key).await
-        );
+        registry_settles(&key, shown["status"].as_str().unwrap()).await;
         assert!(database_exists(&format!("gitlab_project_{key}")).await);
     }
 }
@@ -437,6 +444,29 @@ async fn a_gateway_killed_mid_onboarding_leaves_nothing_the_next_attempt_cannot_
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_right_after_answering_finishes_the_onboarding_when_it_starts_again() {
+    let issuer = Issuer::start().await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+    let key = tenant_key(&instance, 140);
+
+    let mut gateway = Gateway::start(&[&issuer]).await;
+    let (status, answered) = gateway.onboard(&token, &instance, 140).await;
+    assert_eq!((status, answered["status"].as_str()), (201, Some("ready")));
+    gateway.kill();
+    // The answer came before its `ready` row, which a lone onboarding keeps queued for a while.
+    assert_eq!(registry_status(&key).await, "provisioning");
+
+    // No second PUT: the restarted gateway finishes it by itself.
+    let gateway = Gateway::start(&[&issuer]).await;
+    registry_settles(&key, "ready").await;
+    let (status, shown) = gateway
+        .call(Method::GET, project_path(140), &token, &instance)
+        .await;
+    assert_eq!((status, &shown), (200, &answered));
+}
+
 /// Like `send`, for calls that may die with the gateway.
 async fn try_send(
     gateway: &Gateway,
@@ -455,6 +485,53 @@ async fn try_send(
 
 async fn onboarding_quietly<F: std::future::Future>(future: F) {
     let _ = tokio::time::timeout(Duration::from_secs(30), future).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ready_row_lost_with_clickhouse_after_the_answer_is_written_once_it_is_back() {
+    let mut clickhouse = common::PrivateClickHouse::start().await;
+    let issuer = Issuer::start().await;
+    let options = GatewayOptions::new(&[&issuer])
+        .env("CLICKHOUSE__URL", clickhouse.url())
+        .env("CLICKHOUSE__TIMEOUT_SECONDS", 1);
+    let gateway = Gateway::start_with(options).await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+    let failures = |metrics: &str| {
+        common::metric(
+            metrics,
+            "monitor_gateway_registry_write_failures_total",
+            &[],
+        )
+    };
+    let failed_before = failures(&gateway.metrics().await);
+
+    // A lone onboarding's `ready` row waits a moment for company; ClickHouse dies meanwhile.
+    let (status, answered) = gateway.onboard(&token, &instance, 1).await;
+    assert_eq!((status, answered["status"].as_str()), (201, Some("ready")));
+    clickhouse.kill();
+    let failed = || async { failures(&gateway.metrics().await) > failed_before };
+    common::eventually(
+        Duration::from_secs(5),
+        "the ready row's INSERT failed",
+        failed,
+    )
+    .await;
+
+    // The answer stands while the registry is away; once it is back the row is written.
+    let (status, shown) = gateway
+        .call(Method::GET, project_path(1), &token, &instance)
+        .await;
+    assert_eq!((status, &shown), (200, &answered));
+    clickhouse.resume().await;
+    let key = answered["tenant_key"].as_str().unwrap();
+    let written = || async { clickhouse.registry_status(key).await == "ready" };
+    common::eventually(
+        Duration::from_secs(20),
+        "the ready row written again",
+        written,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -516,13 +593,14 @@ async fn clickhouse_lost_during_onboarding_answers_503_and_the_next_attempt_fini
             .await;
         assert_eq!(tables.trim(), "1");
     }
-    let statuses = clickhouse
-        .query(&format!(
-            "SELECT status, count() FROM monitor_gateway.projects FINAL \
-             WHERE instance_id = '{instance}' GROUP BY status FORMAT TSV"
-        ))
-        .await;
-    assert_eq!(statuses.trim(), "ready\t11");
+    let statuses = format!(
+        "SELECT status, count() FROM monitor_gateway.projects FINAL \
+         WHERE instance_id = '{instance}' GROUP BY status FORMAT TSV"
+    );
+    common::eventually(Duration::from_secs(5), "all 11 projects ready", || async {
+        clickhouse.query(&statuses).await.trim() == "ready\t11"
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -700,7 +778,7 @@ async fn reconciliation_finishes_a_provisioning_row_its_running_tenant_has_not_s
             .contains(&json!(key)),
         "{report}"
     );
-    assert_eq!(registry_status(&key).await, "ready");
+    registry_settles(&key, "ready").await;
     let (status, shown) = gateway
         .call(Method::GET, project_path(2), &token, &instance)
         .await;

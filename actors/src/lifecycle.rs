@@ -6,10 +6,14 @@
 //! answer timed out). So a failed write leaves its record remembered as *uncertain*: the tenant
 //! keeps the state it tried to write, and the project's next change writes its state again
 //! with a higher version, which supersedes whatever arrived meanwhile.
+//!
+//! The `ready` row of an onboarding is written behind its answer, once the database exists: it
+//! rides along with the next registry INSERT instead of costing one of its own. Until it is
+//! stored the registry says `provisioning`, which reconciliation finishes after a crash.
 
 use tracing::{info, warn};
 
-use crate::registry::{ProjectRecord, ProjectStatus, Registry, RegistryError};
+use crate::registry::{ProjectRecord, ProjectStatus, Registry, RegistryError, Written};
 use crate::tenancy::{InstanceId, ProjectId};
 use crate::tenant::{Onboarded, TenantError};
 
@@ -20,6 +24,8 @@ pub struct Step<T> {
     pub record: Option<ProjectRecord>,
     /// A registry write failed, so the registry may or may not hold `record`.
     pub uncertain: bool,
+    /// `record` is being written behind the answer; this says when it is stored.
+    pub behind: Option<Written>,
 }
 
 impl<T> Step<T> {
@@ -28,6 +34,7 @@ impl<T> Step<T> {
             outcome,
             record,
             uncertain: false,
+            behind: None,
         }
     }
 
@@ -37,6 +44,7 @@ impl<T> Step<T> {
             outcome: Err(err.into()),
             record: Some(record),
             uncertain: true,
+            behind: None,
         }
     }
 }
@@ -86,9 +94,10 @@ pub async fn onboard(
         return Step::done(Err(err.into()), Some(provisioning));
     }
     let ready = provisioning.with_status(ProjectStatus::Ready);
-    if let Err(err) = registry.record(&ready).await {
-        return Step::unknown(err, ready);
-    }
+    let written = match registry.record_behind(&ready).await {
+        Ok(written) => written,
+        Err(err) => return Step::unknown(err, ready),
+    };
 
     info!(tenant_key = %ready.tenant_key, "project onboarded");
     metrics::counter!("monitor_gateway_projects_onboarded_total").increment(1);
@@ -96,7 +105,29 @@ pub async fn onboard(
         project: ready.clone(),
         created: true,
     };
-    Step::done(Ok(onboarded), Some(ready))
+    Step {
+        behind: Some(written),
+        ..Step::done(Ok(onboarded), Some(ready))
+    }
+}
+
+/// A project loaded `provisioning` whose events table exists got past its DDL, so it only lacks
+/// its `ready` row (a crash took it after the answer): the ready record, written behind. None
+/// when its database is not complete.
+pub async fn finish_loaded(
+    registry: &Registry,
+    provisioning: &ProjectRecord,
+) -> Result<Option<(ProjectRecord, Written)>, RegistryError> {
+    if !registry
+        .events_table_exists(&provisioning.tenant_key)
+        .await?
+    {
+        return Ok(None);
+    }
+    let ready = provisioning.with_status(ProjectStatus::Ready);
+    let written = registry.record_behind(&ready).await?;
+    info!(tenant_key = %ready.tenant_key, "a half-done onboarding is finished");
+    Ok(Some((ready, written)))
 }
 
 /// A ready project whose table vanished (a restored or emptied server) gets it back; this

@@ -14,9 +14,14 @@ use tracing::{Instrument, info_span, warn};
 use crate::code::ErrorCode;
 use crate::lifecycle;
 use crate::query::QueryShare;
-use crate::registry::{ProjectRecord, ProjectStatus, Registry, RegistryError};
+use crate::registry::{ProjectRecord, ProjectStatus, Registry, RegistryError, Written};
 use crate::settings::TenantSettings;
 use crate::tenancy::{InstanceId, ProjectId};
+
+/// How long after a row written behind an answer failed its project's state is written again;
+/// it doubles with every failed attempt, up to [`BEHIND_RETRY_MAX`].
+const BEHIND_RETRY: Duration = Duration::from_secs(2);
+const BEHIND_RETRY_MAX: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TenantError {
@@ -88,9 +93,24 @@ pub enum TenantMsg {
     Usage(ProjectId, u16, u8, RpcReplyPort<Result<u64, TenantError>>),
     /// A change to a project finished: the record to remember (if it changed), and whether a
     /// registry write of unknown outcome makes it uncertain.
-    ChangeDone(ProjectId, Option<ProjectRecord>, bool),
+    ChangeDone(ProjectId, Option<ProjectRecord>, Stored),
+    /// The row of this version, written behind an answer, is stored (true) or failed.
+    BehindStored(ProjectId, u64, bool),
+    /// Writes again the state of a project whose row written behind an answer failed, unless a
+    /// later change settled it; the count of attempts so far.
+    RewriteBehind(ProjectId, u32),
     /// Sent by the supervisor's sweep: stop when nothing happened for the idle timeout.
     IdleCheck,
+}
+
+/// Whether the registry holds the record a change leaves behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    Yes,
+    /// A write failed: it may or may not have landed.
+    Unknown,
+    /// It is being written behind the answer.
+    Behind,
 }
 
 /// A change to one project, waiting for the ones before it.
@@ -132,6 +152,8 @@ pub struct TenantState {
     /// Projects whose last registry write has an unknown outcome; their next change writes
     /// their state again, and they are not purged meanwhile.
     uncertain: HashSet<ProjectId>,
+    /// Projects whose remembered record (of this version) is being written behind an answer.
+    behind: HashMap<ProjectId, u64>,
     /// New projects being onboarded, counted against the quota before they are recorded.
     reserved: HashSet<ProjectId>,
     /// The instance's query rate limit.
@@ -160,6 +182,7 @@ impl Actor for TenantActor {
             running: HashSet::new(),
             waiting: HashMap::new(),
             uncertain: HashSet::new(),
+            behind: HashMap::new(),
             reserved: HashSet::new(),
             queries: TokenBucket::new(
                 args.settings.query_rate_per_second,
@@ -173,16 +196,19 @@ impl Actor for TenantActor {
 
     async fn post_start(
         &self,
-        _myself: ActorRef<TenantMsg>,
+        myself: ActorRef<TenantMsg>,
         state: &mut TenantState,
     ) -> Result<(), ActorProcessingErr> {
         // Boxed: the actor's task lives as long as the actor, and an inline ClickHouse future
         // would make every idle tenant carry its size.
+        // Rows a previous actor of this instance queued land (or fail) before they are read.
+        let _ = Box::pin(state.registry.flush()).await;
         let records = Box::pin(state.registry.projects_of(&state.instance)).await?;
         state.projects = records
             .into_iter()
             .map(|record| (record.project, record))
             .collect();
+        Box::pin(state.finish_loaded(&myself)).await;
         Ok(())
     }
 
@@ -208,8 +234,14 @@ impl Actor for TenantActor {
             TenantMsg::Finish(project, reply) => {
                 state.enqueue(&myself, project, Change::Finish(reply));
             }
-            TenantMsg::ChangeDone(project, record, uncertain) => {
-                state.finish(&myself, project, record, uncertain);
+            TenantMsg::ChangeDone(project, record, stored) => {
+                state.finish(&myself, project, record, stored);
+            }
+            TenantMsg::BehindStored(project, version, stored) => {
+                state.behind_stored(&myself, project, version, stored);
+            }
+            TenantMsg::RewriteBehind(project, attempts) => {
+                state.rewrite_behind(&myself, project, attempts);
             }
             TenantMsg::ReadyProject(project, reply) => {
                 let _ = reply.send(state.ready_project(project));
@@ -246,8 +278,10 @@ impl Actor for TenantActor {
                 // A project with a write of unknown outcome keeps the actor: reloading from the
                 // registry could miss a write that lands later. So do queries at Cube: a new
                 // actor would start the instance's share afresh.
-                let settled =
-                    state.running.is_empty() && state.uncertain.is_empty() && !state.share.in_use();
+                let settled = state.running.is_empty()
+                    && state.uncertain.is_empty()
+                    && state.behind.is_empty()
+                    && !state.share.in_use();
                 if settled && state.last_active.elapsed() >= idle {
                     myself.stop(Some("idle".to_owned()));
                 }
@@ -257,10 +291,30 @@ impl Actor for TenantActor {
     }
 }
 
-/// Tells the tenant what a finished change leaves behind, before the caller hears of it.
-fn report<T>(myself: &ActorRef<TenantMsg>, project: ProjectId, step: &lifecycle::Step<T>) {
-    let done = TenantMsg::ChangeDone(project, step.record.clone(), step.uncertain);
-    let _ = myself.send_message(done);
+/// Tells the tenant what a finished change leaves behind, before the caller hears of it, and
+/// hands over what is still being written behind the answer.
+fn report<T>(
+    myself: &ActorRef<TenantMsg>,
+    project: ProjectId,
+    step: &mut lifecycle::Step<T>,
+) -> Option<(u64, Written)> {
+    let behind = step.behind.take().zip(step.record.as_ref());
+    let stored = match (&behind, step.uncertain) {
+        (Some(_), _) => Stored::Behind,
+        (None, true) => Stored::Unknown,
+        (None, false) => Stored::Yes,
+    };
+    let behind = behind.map(|(written, record)| (record.version, written));
+    let _ = myself.send_message(TenantMsg::ChangeDone(project, step.record.clone(), stored));
+    behind
+}
+
+/// Waits, after the answer, for a row written behind it, and tells the tenant how it went.
+async fn settle(myself: ActorRef<TenantMsg>, project: ProjectId, behind: Option<(u64, Written)>) {
+    if let Some((version, written)) = behind {
+        let stored = written.stored().await.is_ok();
+        let _ = myself.send_message(TenantMsg::BehindStored(project, version, stored));
+    }
 }
 
 fn is_live(record: &ProjectRecord) -> bool {
@@ -282,15 +336,24 @@ impl TenantState {
         myself: &ActorRef<TenantMsg>,
         project: ProjectId,
         record: Option<ProjectRecord>,
-        uncertain: bool,
+        stored: Stored,
     ) {
         self.running.remove(&project);
         self.reserved.remove(&project);
-        if uncertain {
+        if stored == Stored::Unknown {
             warn!(%project, "a registry write may or may not have landed; the next change rewrites it");
             self.uncertain.insert(project);
         } else if record.is_some() {
             self.uncertain.remove(&project);
+        }
+        match (&record, stored) {
+            (Some(record), Stored::Behind) => {
+                self.behind.insert(project, record.version);
+            }
+            (Some(_), _) => {
+                self.behind.remove(&project);
+            }
+            (None, _) => {}
         }
         if let Some(record) = record {
             self.projects.insert(project, record);
@@ -298,6 +361,74 @@ impl TenantState {
         if let Some(next) = self.next_waiting(project) {
             self.start(myself, project, next);
         }
+    }
+
+    /// Projects loaded `provisioning` whose database is complete were answered `ready` before
+    /// a crash took their `ready` row: they are ready again at once, their row written behind.
+    async fn finish_loaded(&mut self, myself: &ActorRef<TenantMsg>) {
+        let half_done: Vec<ProjectRecord> = self
+            .projects
+            .values()
+            .filter(|record| record.status == ProjectStatus::Provisioning)
+            .cloned()
+            .collect();
+        for record in half_done {
+            let project = record.project;
+            match lifecycle::finish_loaded(&self.registry, &record).await {
+                Ok(Some((ready, written))) => {
+                    let version = ready.version;
+                    self.behind.insert(project, version);
+                    self.projects.insert(project, ready);
+                    tokio::spawn(settle(myself.clone(), project, Some((version, written))));
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    warn!(%project, error = %err, "cannot check a half-done onboarding; it stays provisioning");
+                }
+            }
+        }
+    }
+
+    /// A row written behind an answer is stored or failed. A failed one leaves the project
+    /// uncertain and is written again shortly, unless a later change has superseded it.
+    fn behind_stored(
+        &mut self,
+        myself: &ActorRef<TenantMsg>,
+        project: ProjectId,
+        version: u64,
+        stored: bool,
+    ) {
+        if self.behind.get(&project) != Some(&version) {
+            return;
+        }
+        self.behind.remove(&project);
+        if stored {
+            return;
+        }
+        warn!(%project, "a registry write behind an answer failed; writing it again shortly");
+        self.uncertain.insert(project);
+        myself.send_after(BEHIND_RETRY, move || TenantMsg::RewriteBehind(project, 0));
+    }
+
+    /// Finishes the project again, as reconciliation would, and tries later if that fails too;
+    /// the answer promised `ready`, so the registry is owed its row.
+    fn rewrite_behind(&mut self, myself: &ActorRef<TenantMsg>, project: ProjectId, attempts: u32) {
+        if !self.uncertain.contains(&project) {
+            return;
+        }
+        let (reply, finished) = ractor::concurrency::oneshot();
+        self.enqueue(myself, project, Change::Finish(reply.into()));
+        let myself = myself.clone();
+        tokio::spawn(async move {
+            if !matches!(finished.await, Ok(Ok(_))) {
+                let delay = BEHIND_RETRY
+                    .saturating_mul(2u32.saturating_pow(attempts + 1))
+                    .min(BEHIND_RETRY_MAX);
+                myself.send_after(delay, move || {
+                    TenantMsg::RewriteBehind(project, attempts + 1)
+                });
+            }
+        });
     }
 
     fn next_waiting(&mut self, project: ProjectId) -> Option<Change> {
@@ -372,28 +503,31 @@ impl TenantState {
             async move {
                 match change {
                     Change::Onboard(reply) => {
-                        let step =
+                        let mut step =
                             lifecycle::onboard(&registry, &instance, project, current, uncertain)
                                 .await;
-                        report(&myself, project, &step);
+                        let behind = report(&myself, project, &mut step);
                         let _ = reply.send(step.outcome);
+                        settle(myself, project, behind).await;
                     }
                     Change::Deprovision(reply) => {
-                        let step =
+                        let mut step =
                             lifecycle::deprovision(&registry, project, current, uncertain).await;
-                        report(&myself, project, &step);
+                        report(&myself, project, &mut step);
                         let _ = reply.send(step.outcome);
                     }
                     Change::Finish(reply) => {
-                        let step =
+                        let mut step =
                             lifecycle::onboard(&registry, &instance, project, current, uncertain)
                                 .await;
-                        report(&myself, project, &step);
+                        let behind = report(&myself, project, &mut step);
                         let _ = reply.send(step.outcome.map(|_| true));
+                        settle(myself, project, behind).await;
                     }
                     Change::Purge(cutoff, reply) => {
-                        let step = lifecycle::purge(&registry, current, cutoff, uncertain).await;
-                        report(&myself, project, &step);
+                        let mut step =
+                            lifecycle::purge(&registry, current, cutoff, uncertain).await;
+                        report(&myself, project, &mut step);
                         let _ = reply.send(step.outcome);
                     }
                 }

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 mod writer;
 
 use writer::Writer;
+pub use writer::Written;
 
 use crate::settings::ClickHouseSettings;
 use crate::tenancy::{InstanceId, ProjectId, TenantKey};
@@ -226,7 +227,11 @@ impl Registry {
         let timeout = Duration::from_secs(settings.timeout_seconds);
         let bound = client.clone().with_database(&settings.database);
         Self {
-            writer: Writer::start(bound.clone(), timeout),
+            writer: Writer::start(
+                bound.clone(),
+                timeout,
+                Duration::from_millis(settings.registry_batch_wait_ms),
+            ),
             server: client,
             client: bound,
             database: settings.database.clone(),
@@ -347,6 +352,17 @@ impl Registry {
     /// Stores a new version of a project; concurrent calls share one INSERT.
     pub async fn record(&self, project: &ProjectRecord) -> Result<(), RegistryError> {
         self.writer.write(ProjectRow::from(project)).await
+    }
+
+    /// Resolves once every registry write queued before is stored or has failed.
+    pub async fn flush(&self) -> Result<(), RegistryError> {
+        self.writer.flush().await
+    }
+
+    /// Queues a new version of a project to ride along with the next INSERT, for a caller that
+    /// need not wait for it; `Written` says when it is stored.
+    pub async fn record_behind(&self, project: &ProjectRecord) -> Result<Written, RegistryError> {
+        self.writer.write_behind(ProjectRow::from(project)).await
     }
 
     /// Creates the tenant's database and events table; safe to repeat.
