@@ -762,11 +762,12 @@ async fn reconciliation_finishes_a_provisioning_row_its_running_tenant_has_not_s
     let token = issuer.token(&instance);
     // The instance's tenant is running, with its projects loaded.
     gateway.onboard(&token, &instance, 1).await;
-    // Another gateway over the same registry started onboarding project 2 and stopped.
+    // Another gateway over the same registry started onboarding project 2 and stopped, after
+    // a history of its own: its row's version is above what a fresh record would start at.
     let key = tenant_key(&instance, 2);
     clickhouse(&format!(
         "INSERT INTO monitor_gateway.projects VALUES \
-         ('{instance}', 2, '{key}', 'provisioning', now(), now(), 1, toDateTime(0))"
+         ('{instance}', 2, '{key}', 'provisioning', now(), now(), 5, toDateTime(0))"
     ))
     .await;
 

@@ -111,6 +111,33 @@ pub async fn onboard(
     }
 }
 
+/// Finishes an onboarding left `provisioning`; false when there was nothing to finish. A project
+/// the tenant has not seen (written by another gateway since it loaded) continues from the
+/// registry's version, so what it writes supersedes that row.
+pub async fn finish(
+    registry: &Registry,
+    instance: &InstanceId,
+    project: ProjectId,
+    current: Option<ProjectRecord>,
+    uncertain: bool,
+) -> Step<bool> {
+    let current = match current {
+        Some(record) => record,
+        None => match registry.project_of(instance, project).await {
+            Ok(Some(record)) if record.status == ProjectStatus::Provisioning => record,
+            Ok(stored) => return Step::done(Ok(false), stored),
+            Err(err) => return Step::done(Err(err.into()), None),
+        },
+    };
+    let step = onboard(registry, instance, project, Some(current), uncertain).await;
+    Step {
+        outcome: step.outcome.map(|_| true),
+        record: step.record,
+        uncertain: step.uncertain,
+        behind: step.behind,
+    }
+}
+
 /// A project loaded `provisioning` whose events table exists got past its DDL, so it only lacks
 /// its `ready` row (a crash took it after the answer): the ready record, written behind. None
 /// when its database is not complete.
@@ -127,6 +154,7 @@ pub async fn finish_loaded(
     let ready = provisioning.with_status(ProjectStatus::Ready);
     let written = registry.record_behind(&ready).await?;
     info!(tenant_key = %ready.tenant_key, "a half-done onboarding is finished");
+    metrics::counter!("monitor_gateway_projects_onboarded_total").increment(1);
     Ok(Some((ready, written)))
 }
 

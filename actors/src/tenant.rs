@@ -383,7 +383,9 @@ impl TenantState {
                 }
                 Ok(None) => {}
                 Err(err) => {
-                    warn!(%project, error = %err, "cannot check a half-done onboarding; it stays provisioning");
+                    warn!(%project, error = %err, "cannot check a half-done onboarding; finishing it shortly");
+                    self.uncertain.insert(project);
+                    myself.send_after(BEHIND_RETRY, move || TenantMsg::RewriteBehind(project, 0));
                 }
             }
         }
@@ -518,10 +520,10 @@ impl TenantState {
                     }
                     Change::Finish(reply) => {
                         let mut step =
-                            lifecycle::onboard(&registry, &instance, project, current, uncertain)
+                            lifecycle::finish(&registry, &instance, project, current, uncertain)
                                 .await;
                         let behind = report(&myself, project, &mut step);
-                        let _ = reply.send(step.outcome.map(|_| true));
+                        let _ = reply.send(step.outcome);
                         settle(myself, project, behind).await;
                     }
                     Change::Purge(cutoff, reply) => {

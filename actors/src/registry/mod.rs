@@ -287,6 +287,23 @@ impl Registry {
             .map(drop)
     }
 
+    /// One project of the instance as the registry holds it now.
+    pub async fn project_of(
+        &self,
+        instance: &InstanceId,
+        project: ProjectId,
+    ) -> Result<Option<ProjectRecord>, RegistryError> {
+        let sql = format!(
+            "SELECT {PROJECT_COLUMNS} FROM projects FINAL WHERE instance_id = ? AND project_id = ?"
+        );
+        let query = self
+            .client
+            .query(&sql)
+            .bind(instance.as_str())
+            .bind(project.get());
+        Ok(self.select(query).await?.into_iter().next())
+    }
+
     /// Every project the instance has, purged ones included.
     pub async fn projects_of(
         &self,

@@ -61,7 +61,8 @@ impl Writer {
         self.enqueue(Some(row), true).await?.stored().await
     }
 
-    /// Resolves once every row queued before is written (or its INSERT failed).
+    /// Resolves once every row queued before is written; an error when an INSERT failed since
+    /// the last flush.
     pub(super) async fn flush(&self) -> Result<(), RegistryError> {
         self.enqueue(None, true).await?.stored().await
     }
@@ -92,6 +93,8 @@ async fn write_batches(
     mut rows: mpsc::Receiver<Pending>,
 ) {
     let mut batch = Vec::new();
+    // The last INSERT that failed since a flush last answered, which that flush reports.
+    let mut failed_since_flush = None;
     while rows.recv_many(&mut batch, MAX_BATCH).await > 0 {
         gather(&mut rows, &mut batch, batch_wait).await;
         let rows_in_batch = batch.iter().filter(|p| p.row.is_some()).count();
@@ -111,8 +114,17 @@ async fn write_batches(
         if rows_in_batch > 0 {
             metrics::histogram!("monitor_gateway_registry_batch_rows").record(rows_in_batch as f64);
         }
+        if let Err(err) = &outcome {
+            failed_since_flush = Some(err.clone());
+        }
+        let flushed = failed_since_flush.clone().map_or(Ok(()), Err);
         for pending in batch.drain(..) {
-            let _ = pending.done.send(outcome.clone());
+            if pending.row.is_some() {
+                let _ = pending.done.send(outcome.clone());
+            } else {
+                let _ = pending.done.send(flushed.clone());
+                failed_since_flush = None;
+            }
         }
     }
 }
