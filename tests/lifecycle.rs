@@ -458,9 +458,13 @@ async fn a_gateway_killed_right_after_answering_finishes_the_onboarding_when_it_
     // The answer came before its `ready` row, which a lone onboarding keeps queued for a while.
     assert_eq!(registry_status(&key).await, "provisioning");
 
-    // No second PUT: the restarted gateway finishes it by itself.
+    // No second PUT: the restarted gateway finishes it by itself, and counts it.
     let gateway = Gateway::start(&[&issuer]).await;
     registry_settles(&key, "ready").await;
+    let metrics = gateway.metrics().await;
+    let onboarded = common::metric(&metrics, "monitor_gateway_projects_onboarded_total", &[]);
+    // At least ours: its start-up reconciliation may finish other tests' leftovers too.
+    assert!(onboarded >= 1.0, "{metrics}");
     let (status, shown) = gateway
         .call(Method::GET, project_path(140), &token, &instance)
         .await;

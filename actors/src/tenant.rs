@@ -154,6 +154,9 @@ pub struct TenantState {
     uncertain: HashSet<ProjectId>,
     /// Projects whose remembered record (of this version) is being written behind an answer.
     behind: HashMap<ProjectId, u64>,
+    /// Projects found half-done and finished when the tenant loaded, until reconciliation
+    /// reports them.
+    finished_at_load: HashSet<ProjectId>,
     /// New projects being onboarded, counted against the quota before they are recorded.
     reserved: HashSet<ProjectId>,
     /// The instance's query rate limit.
@@ -183,6 +186,7 @@ impl Actor for TenantActor {
             waiting: HashMap::new(),
             uncertain: HashSet::new(),
             behind: HashMap::new(),
+            finished_at_load: HashSet::new(),
             reserved: HashSet::new(),
             queries: TokenBucket::new(
                 args.settings.query_rate_per_second,
@@ -346,6 +350,9 @@ impl TenantState {
         } else if record.is_some() {
             self.uncertain.remove(&project);
         }
+        if record.is_some() {
+            self.finished_at_load.remove(&project);
+        }
         match (&record, stored) {
             (Some(record), Stored::Behind) => {
                 self.behind.insert(project, record.version);
@@ -378,6 +385,7 @@ impl TenantState {
                 Ok(Some((ready, written))) => {
                     let version = ready.version;
                     self.behind.insert(project, version);
+                    self.finished_at_load.insert(project);
                     self.projects.insert(project, ready);
                     tokio::spawn(settle(myself.clone(), project, Some((version, written))));
                 }
@@ -450,8 +458,9 @@ impl TenantState {
             match next {
                 // Decided now, after every change queued before it: a project deleted since
                 // reconciliation read the registry stays deleted.
+                // One this tenant finished when it loaded is reported finished, once.
                 Change::Finish(reply) if !self.unfinished(project) => {
-                    let _ = reply.send(Ok(false));
+                    let _ = reply.send(Ok(self.finished_at_load.remove(&project)));
                     change = self.next_waiting(project);
                 }
                 Change::Onboard(_) | Change::Finish(_) => match self.admit_onboarding(project) {
