@@ -175,6 +175,13 @@ impl Settings {
                 "must match [a-z_][a-z0-9_]*",
             ));
         }
+        // Every onboarding may wait this long; beyond a second it only slows them down.
+        if self.clickhouse.registry_batch_wait_ms > 1_000 {
+            return Err(invalid(
+                "clickhouse.registry_batch_wait_ms",
+                "must be at most 1000",
+            ));
+        }
         if self.cube.result_cache_seconds > 10 {
             return Err(invalid(
                 "cube.result_cache_seconds",
@@ -330,6 +337,13 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("query_rate")
+        );
+        std::fs::write(&path, "[clickhouse]\nregistry_batch_wait_ms = 5000\n").unwrap();
+        assert!(
+            Settings::load(Some(&path))
+                .unwrap_err()
+                .to_string()
+                .contains("registry_batch_wait_ms")
         );
         std::fs::write(&path, "[tenants]\ncall_timeout_seconds = 0\n").unwrap();
         assert!(
