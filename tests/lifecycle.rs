@@ -6,7 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Gateway, GatewayOptions, Issuer, clickhouse, event, insert_events, new_instance, tenant_key,
+    Gateway, GatewayOptions, Issuer, clickhouse, event, insert_events, new_instance,
+    registry_settles, registry_status, tenant_key,
 };
 use futures::future::join_all;
 use reqwest::Method;
@@ -23,25 +24,6 @@ async fn database_exists(database: &str) -> bool {
     .await
     .trim()
         == "1"
-}
-
-async fn registry_status(key: &str) -> String {
-    clickhouse(&format!(
-        "SELECT status FROM monitor_gateway.projects FINAL WHERE tenant_key = '{key}' FORMAT TSV"
-    ))
-    .await
-    .trim()
-    .to_owned()
-}
-
-/// Waits for the registry to show `status`: an onboarding's `ready` row is written behind its
-/// answer.
-async fn registry_settles(key: &str, status: &str) {
-    let what = format!("the registry shows {key} as {status}");
-    common::eventually(Duration::from_secs(5), &what, || async {
-        registry_status(key).await == status
-    })
-    .await;
 }
 
 /// Runs reconciliation on the admin listener and returns its report.

@@ -4,7 +4,6 @@ mod common;
 
 use common::{Gateway, Issuer, clickhouse, new_instance, tenant_key};
 use reqwest::Method;
-use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn onboarding_creates_the_database_and_a_second_put_returns_the_same_details() {
@@ -37,16 +36,7 @@ async fn onboarding_creates_the_database_and_a_second_put_returns_the_same_detai
     ))
     .await;
     assert_eq!(tables.trim(), "snowplow_events");
-    // The `ready` row is written behind the answer.
-    let registry = format!(
-        "SELECT status FROM monitor_gateway.projects FINAL WHERE tenant_key = '{key}' FORMAT TSV"
-    );
-    common::eventually(
-        Duration::from_secs(5),
-        "the registry shows it ready",
-        || async { clickhouse(&registry).await.trim() == "ready" },
-    )
-    .await;
+    common::registry_settles(&key, "ready").await;
 
     let (status, second) = gateway.onboard(&token, &instance, 42).await;
     assert_eq!(status, 200);

@@ -38,6 +38,15 @@ impl<T> Step<T> {
         }
     }
 
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> Step<U> {
+        Step {
+            outcome: self.outcome.map(f),
+            record: self.record,
+            uncertain: self.uncertain,
+            behind: self.behind,
+        }
+    }
+
     /// A write of `record` failed; its outcome is unknown.
     fn unknown(err: RegistryError, record: ProjectRecord) -> Self {
         Self {
@@ -129,13 +138,9 @@ pub async fn finish(
             Err(err) => return Step::done(Err(err.into()), None),
         },
     };
-    let step = onboard(registry, instance, project, Some(current), uncertain).await;
-    Step {
-        outcome: step.outcome.map(|_| true),
-        record: step.record,
-        uncertain: step.uncertain,
-        behind: step.behind,
-    }
+    onboard(registry, instance, project, Some(current), uncertain)
+        .await
+        .map(|_| true)
 }
 
 /// A project loaded `provisioning` whose events table exists got past its DDL, so it only lacks

@@ -203,9 +203,9 @@ impl Actor for TenantActor {
         myself: ActorRef<TenantMsg>,
         state: &mut TenantState,
     ) -> Result<(), ActorProcessingErr> {
+        // Rows a previous actor of this instance queued land (or fail) before they are read.
         // Boxed: the actor's task lives as long as the actor, and an inline ClickHouse future
         // would make every idle tenant carry its size.
-        // Rows a previous actor of this instance queued land (or fail) before they are read.
         let _ = Box::pin(state.registry.flush()).await;
         let records = Box::pin(state.registry.projects_of(&state.instance)).await?;
         state.projects = records

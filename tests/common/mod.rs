@@ -581,6 +581,26 @@ impl Scene {
     }
 }
 
+/// The registry's current status of a project on the test profile's ClickHouse, by tenant key.
+pub async fn registry_status(key: &str) -> String {
+    clickhouse(&format!(
+        "SELECT status FROM monitor_gateway.projects FINAL WHERE tenant_key = '{key}' FORMAT TSV"
+    ))
+    .await
+    .trim()
+    .to_owned()
+}
+
+/// Waits for the registry to show `status`: an onboarding's `ready` row is written behind its
+/// answer.
+pub async fn registry_settles(key: &str, status: &str) {
+    let what = format!("the registry shows {key} as {status}");
+    eventually(Duration::from_secs(5), &what, || async {
+        registry_status(key).await == status
+    })
+    .await;
+}
+
 /// Polls `done` until it holds, failing with `what` after `limit`.
 pub async fn eventually<F: Future<Output = bool>>(
     limit: Duration,

@@ -137,16 +137,14 @@ async fn gather(
     batch_wait: Duration,
 ) {
     let started = Instant::now();
-    let due = |batch: &[Pending]| {
-        let wait = if batch.iter().any(|p| p.urgent) {
-            batch_wait
-        } else {
-            BEHIND_WAIT
-        };
-        started + wait
-    };
-    let mut deadline = due(batch);
+    let urgent_by = started + batch_wait;
+    let mut deadline = started + BEHIND_WAIT;
+    let mut seen = 0;
     while batch.len() < MAX_BATCH {
+        if batch[seen..].iter().any(|p| p.urgent) {
+            deadline = deadline.min(urgent_by);
+        }
+        seen = batch.len();
         tokio::select! {
             biased;
             () = tokio::time::sleep_until(deadline) => break,
@@ -154,7 +152,6 @@ async fn gather(
                 if received == 0 {
                     break;
                 }
-                deadline = deadline.min(due(batch));
             }
         }
     }
