@@ -14,6 +14,10 @@
 #   benches/lifecycle.sh     # PROJECTS=200 CONCURRENCY=8 ROUNDS=3 TENANTS=10000 DECAY_SECONDS=10
 #   ONBOARDING=0 benches/lifecycle.sh   # the memory part only
 #   MEMORY=0 benches/lifecycle.sh       # the onboarding part only
+#   GATEWAY_BIN=/tmp/old/monitor-gateway benches/lifecycle.sh   # another build of the gateway
+#
+# The gateway's settings can be varied through its environment, for example
+# MONITOR_GATEWAY__CLICKHOUSE__REGISTRY_BATCH_WAIT_MS=2.
 #
 # Runs on the test profile's ClickHouse and Cube (started if needed, stopped again if it started
 # them) with its own gateway and issuer on 127.0.0.1:4718x. Every loop is bounded.
@@ -33,8 +37,11 @@ readonly ONBOARDING=${ONBOARDING:-1} MEMORY=${MEMORY:-1}
 readonly PORT=47180 ADMIN=47190 ISSUER_PORT=47181 IDLE_SECONDS=5
 export CLICKHOUSE=http://127.0.0.1:28123
 
-cargo build --release --locked --bin monitor-gateway >&2
-readonly BIN=$PWD/target/release/monitor-gateway
+# GATEWAY_BIN runs another build instead, to compare two versions side by side.
+if [[ -z ${GATEWAY_BIN:-} ]]; then
+  cargo build --release --locked --bin monitor-gateway >&2
+fi
+readonly BIN=${GATEWAY_BIN:-$PWD/target/release/monitor-gateway}
 
 stack_was_up=false
 scripts/stack.sh status test 2>/dev/null | grep -q 'clickhouse: running' && stack_was_up=true
