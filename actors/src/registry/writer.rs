@@ -2,8 +2,8 @@
 //! which costs about as much as creating a tenant's database, whether it holds one row or many;
 //! so concurrent onboardings share INSERTs.
 //!
-//! A row someone waits for is written after at most the batch wait, with every row queued
-//! meanwhile. A row written behind an answer waits longer ([`BEHIND_WAIT`]) and usually rides
+//! One INSERT runs at a time, so the rows queued while it runs share the next one. A row
+//! someone waits for is written after at most the batch wait, with every row queued meanwhile. A row written behind an answer waits longer ([`BEHIND_WAIT`]) and usually rides
 //! along with the next INSERT somebody waits for.
 
 use std::time::Duration;
