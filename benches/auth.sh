@@ -70,7 +70,7 @@ TOML
   pids+=($!)
   # Ready enough for these routes once the issuer's keys are loaded.
   for _ in $(seq 1 100); do
-    curl -s "http://127.0.0.1:$2/readyz" 2>/dev/null | grep -q '"local":1' && return 0
+    curl -s "http://127.0.0.1:$2/readyz" 2>/dev/null | grep '"local":1' >/dev/null && return 0
     sleep 0.1
   done
   cat "$work/gateway-$1.log" >&2

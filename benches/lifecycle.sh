@@ -44,7 +44,9 @@ fi
 readonly BIN=${GATEWAY_BIN:-$PWD/target/release/monitor-gateway}
 
 stack_was_up=false
-scripts/stack.sh status test 2>/dev/null | grep -q 'clickhouse: running' && stack_was_up=true
+# (grep reads to the end: with -q it could leave stack.sh writing to a closed pipe, which
+# pipefail counts as a failure.)
+scripts/stack.sh status test 2>/dev/null | grep 'clickhouse: running' >/dev/null && stack_was_up=true
 work=$(mktemp -d)
 pids=()
 cleanup() {

@@ -191,7 +191,7 @@ live_pid() {
   [[ -f $pid_file ]] || return 1
   pid="$(cat "$pid_file" 2>/dev/null || true)"
   if [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null \
-    && { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -qF -- "$marker"; then
+    && { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -F -- "$marker" >/dev/null; then
     printf '%s\n' "$pid"
     return 0
   fi
@@ -206,7 +206,7 @@ orphan_pids() {
   for environ in /proc/[0-9]*/environ; do
     pid="${environ#/proc/}"
     pid="${pid%/environ}"
-    if { tr '\0' '\n' <"$environ"; } 2>/dev/null | grep -qxF -- "STACK_STATE_DIR=$STATE_DIR"; then
+    if { tr '\0' '\n' <"$environ"; } 2>/dev/null | grep -xF -- "STACK_STATE_DIR=$STATE_DIR" >/dev/null; then
       printf '%s\n' "$pid"
     fi
   done
