@@ -51,7 +51,7 @@ def onboard(project):
 
 
 def direct(name):
-    for sql in (f"CREATE DATABASE IF NOT EXISTS {name}", DDL.replace("{database}", name)):
+    for sql in (f"CREATE DATABASE IF NOT EXISTS {name}", DDL.replace("{database}", name).replace("{owner}", "bench")):
         status, body = request(CLICKHOUSE, "POST", "/", body=sql.encode())
         if status != 200:
             raise SystemExit(f"ClickHouse answered {status}: {body[:300]!r}")

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actors::auth::{Authenticator, IssuerKeys, parse_algorithms};
-use actors::housekeeper::Housekeeping;
+use actors::housekeeper::{Housekeeping, Reconciled};
 use actors::query::Queries;
 use actors::registry::Registry;
 use actors::signer::Signer;
@@ -57,6 +57,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let auth = Arc::new(Authenticator::new(settings.auth.clone(), issuers.clone()));
 
+    let reconciled = Reconciled::default();
     let (root, mut root_stopped) = supervisor::start(RootArgs {
         auth: settings.auth.clone(),
         cube: settings.cube.clone(),
@@ -65,6 +66,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         registry: registry.clone(),
         signer: signer.clone(),
         policy: RestartPolicy::default(),
+        reconciled: reconciled.clone(),
     })
     .await
     .map_err(|err| anyhow::anyhow!("starting the actors: {err}"))?;
@@ -78,7 +80,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         max_body_bytes: settings.server.max_body_bytes,
         max_result_wait: Duration::from_secs(settings.cube.timeout_seconds),
     };
-    let readiness = Readiness::new(auth, registry.clone(), &settings.cube.url);
+    let readiness = Readiness::new(auth, registry.clone(), reconciled, &settings.cube.url);
     let request_timeout = Duration::from_secs(settings.server.request_timeout_seconds);
     let housekeeping = Housekeeping::new(request_timeout);
 

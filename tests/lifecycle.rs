@@ -107,6 +107,7 @@ async fn twenty_concurrent_puts_create_one_database_and_agree() {
     );
 
     let key = tenant_key(&instance, 500);
+    registry_settles(&key, "ready").await;
     let rows = clickhouse(&format!(
         "SELECT count() FROM monitor_gateway.projects FINAL WHERE tenant_key = '{key}' FORMAT TSV"
     ))
@@ -427,6 +428,65 @@ async fn a_gateway_killed_mid_onboarding_leaves_nothing_the_next_attempt_cannot_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_adopts_a_database_only_when_it_is_marked_as_its_own_projects() {
+    let issuer = Issuer::start().await;
+    let gateway = Gateway::start(&[&issuer]).await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+    let database = |project| format!("gitlab_project_{}", tenant_key(&instance, project));
+    let (unmarked, forged, garbled) = (database(1), database(2), database(3));
+    // Made by hand: no mark, a mark naming another project, a mark that does not parse.
+    let marks = [
+        (&unmarked, String::new()),
+        (
+            &forged,
+            format!("monitor-gateway project {instance} 4 1700000000"),
+        ),
+        (
+            &garbled,
+            format!("monitor-gateway project {instance} 3 1700000000 extra"),
+        ),
+    ];
+    for (database, mark) in &marks {
+        clickhouse(&format!("CREATE DATABASE {database}")).await;
+        clickhouse(&format!(
+            "CREATE TABLE {database}.snowplow_events (app_id String COMMENT '{mark}') \
+             ENGINE = MergeTree ORDER BY app_id"
+        ))
+        .await;
+    }
+
+    let report = reconcile(&gateway).await;
+    let listed = |field: &str, name: &str| {
+        report[field]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| name.ends_with(k.as_str().unwrap()))
+    };
+    for database in [&unmarked, &forged, &garbled] {
+        assert!(
+            listed("unregistered_databases", database),
+            "{database}: {report}"
+        );
+        assert!(!listed("completed", database), "{database}: {report}");
+        assert_eq!(
+            registry_status(&database["gitlab_project_".len()..]).await,
+            ""
+        );
+    }
+    for project in [1, 2, 3, 4] {
+        let (status, _) = gateway
+            .call(Method::GET, project_path(project), &token, &instance)
+            .await;
+        assert_eq!(status, 404, "project {project}");
+    }
+    for database in [&unmarked, &forged, &garbled] {
+        clickhouse(&format!("DROP DATABASE {database}")).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_killed_right_after_answering_finishes_the_onboarding_when_it_starts_again() {
     let issuer = Issuer::start().await;
     let instance = new_instance();
@@ -437,10 +497,11 @@ async fn a_gateway_killed_right_after_answering_finishes_the_onboarding_when_it_
     let (status, answered) = gateway.onboard(&token, &instance, 140).await;
     assert_eq!((status, answered["status"].as_str()), (201, Some("ready")));
     gateway.kill();
-    // The answer came before its `ready` row, which a lone onboarding keeps queued for a while.
-    assert_eq!(registry_status(&key).await, "provisioning");
+    // The answer came before its registry row, which a lone onboarding keeps queued a while.
+    assert_eq!(registry_status(&key).await, "");
 
-    // No second PUT: the restarted gateway finishes it by itself, and counts it.
+    // No second PUT: the restarted gateway adopts the database marked as the project's, as it
+    // was answered, and counts it.
     let gateway = Gateway::start(&[&issuer]).await;
     registry_settles(&key, "ready").await;
     let metrics = gateway.metrics().await;

@@ -1,6 +1,6 @@
 CREATE TABLE IF NOT EXISTS {database}.snowplow_events
 (
-    app_id              String,
+    app_id              String COMMENT '{owner}',
     platform            String,
     event               String,
     event_id            String,

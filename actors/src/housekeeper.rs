@@ -5,6 +5,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ractor::rpc::CallResult;
@@ -14,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::registry::{ProjectStatus, Registry, RegistryError};
 use crate::settings::TenantSettings;
+use crate::tenancy::TenantKey;
 use crate::tenants::Tenants;
 
 pub const HOUSEKEEPER: &str = "housekeeper";
@@ -45,8 +47,25 @@ pub enum HousekeeperMsg {
 
 pub struct Housekeeper;
 
+/// Set once a reconciliation has run to its end since the gateway started, so readiness can
+/// wait for the start-up pass: until then a project whose registry row a crash took is not
+/// adopted yet.
+#[derive(Clone, Default)]
+pub struct Reconciled(Arc<AtomicBool>);
+
+impl Reconciled {
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn set(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
 pub struct HousekeeperArgs {
     pub registry: Arc<Registry>,
+    pub reconciled: Reconciled,
     pub tenants: Tenants,
     pub settings: TenantSettings,
 }
@@ -76,6 +95,9 @@ impl Actor for Housekeeper {
         match message {
             HousekeeperMsg::Reconcile(reply) => {
                 let report = state.reconcile().await.map_err(|err| err.to_string());
+                if report.is_ok() {
+                    state.reconciled.set();
+                }
                 match (reply, &report) {
                     (Some(reply), _) => {
                         let _ = reply.send(report);
@@ -138,10 +160,27 @@ impl HousekeeperArgs {
             .into_iter()
             .map(|key| format!("gitlab_project_{key}"))
             .collect();
-        report.unregistered_databases = databases
+        let mut unregistered: Vec<String> = databases
             .into_iter()
             .filter(|database| !registered.contains(database))
             .collect();
+        // A database marked as a project's lost its registry row to a crash after the answer
+        // (or its row is still on its way, which the tenant knows): the project is adopted.
+        if !unregistered.is_empty() {
+            for (database, owner) in self.registry.owners_of(&unregistered).await? {
+                let key = TenantKey::derive(&owner.instance, owner.project).to_string();
+                match self.tenants.adopt(&owner).await {
+                    Ok(true) => report.completed.push(key),
+                    Ok(false) => {}
+                    Err(err) => {
+                        warn!(tenant_key = %key, error = %err, "cannot adopt a project's database");
+                        report.failed.push(key);
+                    }
+                }
+                unregistered.retain(|other| *other != database);
+            }
+        }
+        report.unregistered_databases = unregistered;
 
         if !report.unregistered_databases.is_empty() {
             warn!(databases = ?report.unregistered_databases,

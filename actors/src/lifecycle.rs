@@ -7,13 +7,15 @@
 //! keeps the state it tried to write, and the project's next change writes its state again
 //! with a higher version, which supersedes whatever arrived meanwhile.
 //!
-//! The `ready` row of an onboarding is written behind its answer, once the database exists: it
-//! rides along with the next registry INSERT instead of costing one of its own. Until it is
-//! stored the registry says `provisioning`, which reconciliation finishes after a crash.
+//! An onboarding's registry row is written behind its answer, once the database exists: it
+//! rides along with a registry INSERT shared with other writes instead of costing one of its
+//! own. The database carries its owner, so a crash that takes the row after the answer leaves
+//! a database that reconciliation adopts ([`adopt`]). An onboarding whose DDL failed is
+//! recorded `provisioning` before it answers, and reconciliation finishes it.
 
 use tracing::{info, warn};
 
-use crate::registry::{ProjectRecord, ProjectStatus, Registry, RegistryError, Written};
+use crate::registry::{Owner, ProjectRecord, ProjectStatus, Registry, RegistryError, Written};
 use crate::tenancy::{InstanceId, ProjectId};
 use crate::tenant::{Onboarded, TenantError};
 
@@ -91,15 +93,12 @@ pub async fn onboard(
         Some(purged) => purged.reborn(),
         None => ProjectRecord::new(instance.clone(), project),
     };
-    if let Err(err) = registry.record(&provisioning).await {
-        return Step::unknown(err, provisioning);
-    }
-
-    if let Err(err) = registry
-        .create_tenant_database(&provisioning.tenant_key)
-        .await
-    {
+    if let Err(err) = registry.create_tenant_database(&provisioning).await {
         warn!(error = %err, "tenant database creation failed; the project stays provisioning");
+        // Recorded so that reconciliation finishes it; ClickHouse may well refuse this too.
+        if let Err(write) = registry.record(&provisioning).await {
+            return Step::unknown(write, provisioning);
+        }
         return Step::done(Err(err.into()), Some(provisioning));
     }
     let ready = provisioning.with_status(ProjectStatus::Ready);
@@ -143,6 +142,45 @@ pub async fn finish(
         .map(|_| true)
 }
 
+/// Registers a project whose database exists, marked as the project's, with no registry row
+/// (a crash took the row after the answer), as it was answered. A project the registry knows,
+/// deleted ones included, is left as it is; a purged one comes back with the database found.
+pub async fn adopt(
+    registry: &Registry,
+    owner: &Owner,
+    current: Option<ProjectRecord>,
+    uncertain: bool,
+) -> Step<bool> {
+    let current = match current {
+        Some(record) => Some(record),
+        None => match registry.project_of(&owner.instance, owner.project).await {
+            Ok(stored) => stored,
+            Err(err) => return Step::done(Err(err.into()), None),
+        },
+    };
+    let found = match current {
+        Some(record) if record.status != ProjectStatus::Purged => {
+            return Step::done(Ok(false), Some(record));
+        }
+        Some(purged) => purged.reborn(),
+        None => ProjectRecord::new(owner.instance.clone(), owner.project),
+    };
+    let provisioning = ProjectRecord {
+        created_at: owner.created_at,
+        ..found
+    };
+    info!(tenant_key = %provisioning.tenant_key, "adopting a database whose registry row is missing");
+    onboard(
+        registry,
+        &owner.instance,
+        owner.project,
+        Some(provisioning),
+        uncertain,
+    )
+    .await
+    .map(|_| true)
+}
+
 /// A project loaded `provisioning` whose events table exists got past its DDL, so it only lacks
 /// its `ready` row (a crash took it after the answer): the ready record, written behind. None
 /// when its database is not complete.
@@ -168,7 +206,7 @@ pub async fn finish_loaded(
 async fn repair(registry: &Registry, record: &ProjectRecord) -> Result<Onboarded, TenantError> {
     if !registry.events_table_exists(&record.tenant_key).await? {
         warn!(tenant_key = %record.tenant_key, "a ready project had no events table; recreating it");
-        registry.create_tenant_database(&record.tenant_key).await?;
+        registry.create_tenant_database(record).await?;
     }
     Ok(Onboarded {
         project: record.clone(),

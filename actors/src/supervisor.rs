@@ -11,7 +11,7 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tracing::{error, warn};
 
 use crate::auth::{IssuerActor, IssuerArgs, IssuerKeys};
-use crate::housekeeper::{HOUSEKEEPER, Housekeeper, HousekeeperArgs};
+use crate::housekeeper::{HOUSEKEEPER, Housekeeper, HousekeeperArgs, Reconciled};
 use crate::query::{QUERY_DISPATCHER, spawn_dispatcher};
 use crate::registry::Registry;
 use crate::settings::{AuthSettings, CubeSettings, TenantSettings};
@@ -176,6 +176,8 @@ pub struct RootArgs {
     pub registry: Arc<Registry>,
     pub signer: Arc<Signer>,
     pub policy: RestartPolicy,
+    /// Set by the housekeeper when a reconciliation has finished.
+    pub reconciled: Reconciled,
 }
 
 pub struct RootState {
@@ -217,6 +219,7 @@ impl RootState {
             HOUSEKEEPER => {
                 let args = HousekeeperArgs {
                     registry: self.args.registry.clone(),
+                    reconciled: self.args.reconciled.clone(),
                     tenants: Tenants::new(Duration::from_secs(
                         self.args.tenants.call_timeout_seconds,
                     )),

@@ -14,7 +14,7 @@ use tracing::{Instrument, info_span, warn};
 use crate::code::ErrorCode;
 use crate::lifecycle;
 use crate::query::QueryShare;
-use crate::registry::{ProjectRecord, ProjectStatus, Registry, RegistryError, Written};
+use crate::registry::{Owner, ProjectRecord, ProjectStatus, Registry, RegistryError, Written};
 use crate::settings::TenantSettings;
 use crate::tenancy::{InstanceId, ProjectId};
 
@@ -77,6 +77,9 @@ pub enum TenantMsg {
     /// Finishes the project's onboarding if it is still `provisioning` when its turn comes;
     /// false when there was nothing to finish (finished, deprovisioned or purged meanwhile).
     Finish(ProjectId, RpcReplyPort<Result<bool, TenantError>>),
+    /// Registers the project, whose database was found marked as its own with no registry row,
+    /// unless the project is known by its turn; true when it was registered.
+    Adopt(Owner, RpcReplyPort<Result<bool, TenantError>>),
     /// The project when it is ready to serve queries and collection.
     ReadyProject(ProjectId, RpcReplyPort<Result<ProjectRecord, TenantError>>),
     /// The project for one query, ready and within the instance's query rate, with the
@@ -119,6 +122,7 @@ enum Change {
     Deprovision(RpcReplyPort<Result<ProjectRecord, TenantError>>),
     Purge(u32, RpcReplyPort<Result<bool, TenantError>>),
     Finish(RpcReplyPort<Result<bool, TenantError>>),
+    Adopt(Owner, RpcReplyPort<Result<bool, TenantError>>),
 }
 
 impl Change {
@@ -127,7 +131,9 @@ impl Change {
         match self {
             Self::Onboard(reply) => drop(reply.send(Err(err))),
             Self::Deprovision(reply) => drop(reply.send(Err(err))),
-            Self::Purge(_, reply) | Self::Finish(reply) => drop(reply.send(Err(err))),
+            Self::Purge(_, reply) | Self::Finish(reply) | Self::Adopt(_, reply) => {
+                drop(reply.send(Err(err)));
+            }
         }
     }
 }
@@ -237,6 +243,9 @@ impl Actor for TenantActor {
             }
             TenantMsg::Finish(project, reply) => {
                 state.enqueue(&myself, project, Change::Finish(reply));
+            }
+            TenantMsg::Adopt(owner, reply) => {
+                state.enqueue(&myself, owner.project, Change::Adopt(owner, reply));
             }
             TenantMsg::ChangeDone(project, record, stored) => {
                 state.finish(&myself, project, record, stored);
@@ -463,14 +472,21 @@ impl TenantState {
                     let _ = reply.send(Ok(self.finished_at_load.remove(&project)));
                     change = self.next_waiting(project);
                 }
-                Change::Onboard(_) | Change::Finish(_) => match self.admit_onboarding(project) {
-                    Ok(()) => return self.spawn_change(myself, project, next),
-                    // Refused at once; the next waiting change may still go ahead.
-                    Err(err) => {
-                        next.refuse(err);
-                        change = self.next_waiting(project);
+                // Known by now (onboarded, deleted or finished since the databases were listed).
+                Change::Adopt(_, reply) if self.projects.get(&project).is_some_and(is_live) => {
+                    let _ = reply.send(Ok(false));
+                    change = self.next_waiting(project);
+                }
+                Change::Onboard(_) | Change::Finish(_) | Change::Adopt(..) => {
+                    match self.admit_onboarding(project) {
+                        Ok(()) => return self.spawn_change(myself, project, next),
+                        // Refused at once; the next waiting change may still go ahead.
+                        Err(err) => {
+                            next.refuse(err);
+                            change = self.next_waiting(project);
+                        }
                     }
-                },
+                }
                 other => return self.spawn_change(myself, project, other),
             }
         }
@@ -517,6 +533,13 @@ impl TenantState {
                         let mut step =
                             lifecycle::onboard(&registry, &instance, project, current, uncertain)
                                 .await;
+                        let behind = report(&myself, project, &mut step);
+                        let _ = reply.send(step.outcome);
+                        settle(myself, project, behind).await;
+                    }
+                    Change::Adopt(owner, reply) => {
+                        let mut step =
+                            lifecycle::adopt(&registry, &owner, current, uncertain).await;
                         let behind = report(&myself, project, &mut step);
                         let _ = reply.send(step.outcome);
                         settle(myself, project, behind).await;

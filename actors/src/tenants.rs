@@ -10,7 +10,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent
 use tracing::warn;
 
 use crate::query::QueryShare;
-use crate::registry::{ProjectRecord, Registry};
+use crate::registry::{Owner, ProjectRecord, Registry};
 use crate::settings::TenantSettings;
 use crate::tenancy::{InstanceId, ProjectId};
 use crate::tenant::{Onboarded, TenantActor, TenantArgs, TenantError, TenantMsg};
@@ -208,6 +208,13 @@ impl Tenants {
     ) -> Result<bool, TenantError> {
         self.ask(instance, |reply| TenantMsg::Finish(project, reply))
             .await
+    }
+
+    pub async fn adopt(&self, owner: &Owner) -> Result<bool, TenantError> {
+        self.ask(&owner.instance, |reply| {
+            TenantMsg::Adopt(owner.clone(), reply)
+        })
+        .await
     }
 
     pub async fn purge(

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actors::auth::Authenticator;
-use actors::housekeeper::Housekeeping;
+use actors::housekeeper::{Housekeeping, Reconciled};
 use actors::registry::Registry;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -18,17 +18,24 @@ use serde_json::json;
 /// Longest a readiness probe waits for ClickHouse or Cube, well inside the probe's own deadline.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// What readiness looks at: issuers' keys, ClickHouse (with the registry table) and Cube.
+/// What readiness looks at: issuers' keys, ClickHouse (with the registry table), Cube, and
+/// the start-up reconciliation having run.
 #[derive(Clone)]
 pub struct Readiness {
     pub auth: Arc<Authenticator>,
     pub registry: Arc<Registry>,
+    pub reconciled: Reconciled,
     pub cube_url: Arc<str>,
     pub http: reqwest::Client,
 }
 
 impl Readiness {
-    pub fn new(auth: Arc<Authenticator>, registry: Arc<Registry>, cube_url: &str) -> Self {
+    pub fn new(
+        auth: Arc<Authenticator>,
+        registry: Arc<Registry>,
+        reconciled: Reconciled,
+        cube_url: &str,
+    ) -> Self {
         let http = reqwest::Client::builder()
             .timeout(CHECK_TIMEOUT)
             .build()
@@ -36,6 +43,7 @@ impl Readiness {
         Self {
             auth,
             registry,
+            reconciled,
             cube_url: cube_url.trim_end_matches('/').into(),
             http,
         }
@@ -45,7 +53,13 @@ impl Readiness {
         let (clickhouse, cube) = tokio::join!(self.clickhouse_problem(), self.cube_problem());
         let keys = (!self.auth.has_keys())
             .then(|| "no issuer has published usable signing keys yet".to_owned());
-        [keys, clickhouse, cube].into_iter().flatten().collect()
+        // Until it has run, a project whose registry row a crash took answers 404.
+        let reconciled = (!self.reconciled.get())
+            .then(|| "the start-up reconciliation has not finished yet".to_owned());
+        [keys, clickhouse, cube, reconciled]
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     async fn clickhouse_problem(&self) -> Option<String> {

@@ -203,6 +203,47 @@ impl ProjectRow {
     }
 }
 
+/// The project a tenant database was created for, and when: written as the comment of its
+/// events table's `app_id` column. ClickHouse keeps it with the table's definition, so it is
+/// there as soon as the table is; a mark is only trusted when the tenant key it derives names
+/// the database it is found in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub instance: InstanceId,
+    pub project: ProjectId,
+    /// The project's `created_at`, which its connection details show.
+    pub created_at: u32,
+}
+
+impl Owner {
+    const PREFIX: &'static str = "monitor-gateway project ";
+
+    /// Built from a registry record's parsed fields only, never from request text.
+    fn mark(project: &ProjectRecord) -> String {
+        format!(
+            "{}{} {} {}",
+            Self::PREFIX,
+            project.instance,
+            project.project,
+            project.created_at
+        )
+    }
+
+    fn parse(mark: &str) -> Option<Self> {
+        let mut fields = mark.strip_prefix(Self::PREFIX)?.split(' ');
+        let owner = Self {
+            instance: InstanceId::parse(fields.next()?).ok()?,
+            project: ProjectId::parse(fields.next()?).ok()?,
+            created_at: fields.next()?.parse().ok()?,
+        };
+        fields.next().is_none().then_some(owner)
+    }
+
+    fn database(&self) -> String {
+        TenantKey::derive(&self.instance, self.project).database()
+    }
+}
+
 #[derive(Clone)]
 pub struct Registry {
     /// For server-wide statements; a database that does not exist yet cannot be bound.
@@ -382,16 +423,43 @@ impl Registry {
         self.writer.write_behind(ProjectRow::from(project)).await
     }
 
-    /// Creates the tenant's database and events table; safe to repeat.
+    /// Creates the project's database and events table; safe to repeat. The table carries its
+    /// owner (see [`Owner`]), so a database whose registry row a crash took can be adopted.
     pub async fn create_tenant_database(
         &self,
-        tenant_key: &TenantKey,
+        project: &ProjectRecord,
     ) -> Result<(), RegistryError> {
-        let database = tenant_key.database();
+        let database = project.tenant_key.database();
         self.execute(&format!("CREATE DATABASE IF NOT EXISTS {database}"))
             .await?;
-        self.execute(&EVENTS_TABLE_DDL.replace("{database}", &database))
-            .await
+        let ddl = EVENTS_TABLE_DDL
+            .replace("{database}", &database)
+            .replace("{owner}", &Owner::mark(project));
+        self.execute(&ddl).await
+    }
+
+    /// The owners marked on these tenant databases' events tables; databases without a valid
+    /// mark are left out.
+    pub async fn owners_of(
+        &self,
+        databases: &[String],
+    ) -> Result<Vec<(String, Owner)>, RegistryError> {
+        let query = self
+            .server
+            .query(
+                "SELECT database, comment FROM system.columns \
+                 WHERE has(?, database) AND table = 'snowplow_events' AND name = 'app_id'",
+            )
+            .bind(databases);
+        let marks: Vec<(String, String)> = self.deadline(query.fetch_all()).await?;
+        Ok(marks
+            .into_iter()
+            .filter_map(|(database, mark)| {
+                Owner::parse(&mark)
+                    .filter(|owner| owner.database() == database)
+                    .map(|owner| (database, owner))
+            })
+            .collect())
     }
 
     /// Whether the tenant's events table exists (a read, not DDL).
@@ -460,4 +528,50 @@ fn unix_now() -> u32 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> ProjectRecord {
+        let instance = InstanceId::parse("8F6E4253-4B5E-4A6C-9D55-3B0B6A1D2C7E").unwrap();
+        ProjectRecord {
+            created_at: 1_700_000_000,
+            ..ProjectRecord::new(instance, ProjectId::new(42).unwrap())
+        }
+    }
+
+    #[test]
+    fn an_owner_mark_reads_back_as_the_project_it_was_written_for() {
+        let record = record();
+        let mark = Owner::mark(&record);
+        assert_eq!(
+            mark,
+            "monitor-gateway project 8f6e4253-4b5e-4a6c-9d55-3b0b6a1d2c7e 42 1700000000"
+        );
+        let owner = Owner::parse(&mark).unwrap();
+        assert_eq!(
+            (&owner.instance, owner.project, owner.created_at),
+            (&record.instance, record.project, record.created_at)
+        );
+        assert_eq!(owner.database(), record.tenant_key.database());
+    }
+
+    #[test]
+    fn a_mark_that_is_not_exactly_an_owner_is_refused() {
+        let instance = "8f6e4253-4b5e-4a6c-9d55-3b0b6a1d2c7e";
+        for mark in [
+            String::new(),
+            format!("{instance} 42 1700000000"),
+            format!("monitor-gateway project {instance} 42"),
+            format!("monitor-gateway project {instance} 42 1700000000 more"),
+            format!("monitor-gateway project {instance} 042 1700000000"),
+            format!("monitor-gateway project {instance} 0 1700000000"),
+            "monitor-gateway project not-a-uuid 42 1700000000".to_owned(),
+            format!("monitor-gateway project {instance} 42 -1"),
+        ] {
+            assert_eq!(Owner::parse(&mark), None, "{mark:?}");
+        }
+    }
 }
