@@ -514,6 +514,49 @@ async fn a_gateway_killed_right_after_answering_finishes_the_onboarding_when_it_
     assert_eq!((status, &shown), (200, &answered));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_whose_row_a_crash_took_can_be_deleted_elsewhere_and_stays_deleted() {
+    let issuer = Issuer::start().await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+    let key = tenant_key(&instance, 150);
+
+    // This gateway's tenant for the instance is running and has no record of project 150.
+    let survivor = Gateway::start(&[&issuer]).await;
+    let (status, _) = survivor
+        .call(Method::GET, project_path(150), &token, &instance)
+        .await;
+    assert_eq!(status, 404);
+    // Another gateway onboards it and dies before the project's registry row is written.
+    let mut crashed = Gateway::start(&[&issuer]).await;
+    let (status, answered) = crashed.onboard(&token, &instance, 150).await;
+    assert_eq!(status, 201);
+    crashed.kill();
+    assert_eq!(registry_status(&key).await, "");
+
+    // The instance deletes it through the survivor, which finds the database marked as the
+    // project's; the deletion is what the registry keeps.
+    let (status, deleted) = survivor
+        .call(Method::DELETE, project_path(150), &token, &instance)
+        .await;
+    assert_eq!(status, 200, "{deleted}");
+    assert_eq!(deleted["status"], "deprovisioned");
+    assert_eq!(deleted["created_at"], answered["created_at"]);
+    assert_eq!(registry_status(&key).await, "deprovisioned");
+
+    // Neither gateway's reconciliation brings it back.
+    let restarted = Gateway::start(&[&issuer]).await;
+    for gateway in [&survivor, &restarted] {
+        let report = reconcile(gateway).await;
+        assert!(!report.to_string().contains(&key), "{report}");
+        let (status, shown) = gateway
+            .call(Method::GET, project_path(150), &token, &instance)
+            .await;
+        assert_eq!((status, &shown["status"]), (200, &json!("deprovisioned")));
+    }
+    assert_eq!(registry_status(&key).await, "deprovisioned");
+}
+
 /// Like `send`, for calls that may die with the gateway.
 async fn try_send(
     gateway: &Gateway,

@@ -16,7 +16,7 @@
 use tracing::{info, warn};
 
 use crate::registry::{Owner, ProjectRecord, ProjectStatus, Registry, RegistryError, Written};
-use crate::tenancy::{InstanceId, ProjectId};
+use crate::tenancy::{InstanceId, ProjectId, TenantKey};
 use crate::tenant::{Onboarded, TenantError};
 
 /// What a step answers, and what the tenant should remember of the project afterwards.
@@ -215,16 +215,26 @@ async fn repair(registry: &Registry, record: &ProjectRecord) -> Result<Onboarded
 }
 
 /// Stops queries and collection at once; the data stays until the purge. Repeating it answers
-/// the same record.
+/// the same record. A project the tenant has no record of is looked up first, so one whose
+/// registry row a crash took (or another gateway wrote) is deleted too, not adopted later.
 pub async fn deprovision(
     registry: &Registry,
+    instance: &InstanceId,
     project: ProjectId,
     current: Option<ProjectRecord>,
     uncertain: bool,
 ) -> Step<ProjectRecord> {
+    let (current, looked_up) = match current {
+        Some(record) => (Some(record), false),
+        None => match look_up(registry, instance, project).await {
+            Ok(found) => (found, true),
+            Err(err) => return Step::done(Err(err.into()), None),
+        },
+    };
     let record = match current {
         Some(record) if record.status == ProjectStatus::Deprovisioned && !uncertain => {
-            return Step::done(Ok(record), None);
+            let remember = looked_up.then(|| record.clone());
+            return Step::done(Ok(record), remember);
         }
         Some(record) if record.status != ProjectStatus::Purged => record,
         _ => return Step::done(Err(TenantError::NotOnboarded(project)), None),
@@ -236,6 +246,37 @@ pub async fn deprovision(
     info!(tenant_key = %deprovisioned.tenant_key, "project deprovisioned");
     metrics::counter!("monitor_gateway_projects_deprovisioned_total").increment(1);
     Step::done(Ok(deprovisioned.clone()), Some(deprovisioned))
+}
+
+/// What the registry, or else the project's marked database, knows of a project the tenant has
+/// no record of: another gateway may have written its row since the tenant loaded, or a crash
+/// may have taken the row after the answer and left the database (which counts as `ready`,
+/// as it was answered).
+async fn look_up(
+    registry: &Registry,
+    instance: &InstanceId,
+    project: ProjectId,
+) -> Result<Option<ProjectRecord>, RegistryError> {
+    let stored = registry.project_of(instance, project).await?;
+    if stored
+        .as_ref()
+        .is_some_and(|record| record.status != ProjectStatus::Purged)
+    {
+        return Ok(stored);
+    }
+    let database = TenantKey::derive(instance, project).database();
+    let Some((_, owner)) = registry.owners_of(&[database]).await?.pop() else {
+        return Ok(stored);
+    };
+    let base = match stored {
+        Some(purged) => purged.reborn(),
+        None => ProjectRecord::new(instance.clone(), project),
+    };
+    Ok(Some(ProjectRecord {
+        status: ProjectStatus::Ready,
+        created_at: owner.created_at,
+        ..base
+    }))
 }
 
 /// Drops the database of a project deprovisioned before `cutoff`; false when it is not due.

@@ -78,8 +78,8 @@ pub struct ClickHouseSettings {
     pub timeout_seconds: u64,
     /// How long an idle connection is kept for reuse; below the server's `keep_alive_timeout`.
     pub idle_connection_seconds: u64,
-    /// How long a registry write waits for others to share its INSERT beyond the rows queued
-    /// while the previous one ran (0: not at all).
+    /// How long a registry write someone waits for waits for others to share its INSERT, beyond
+    /// the rows queued while the previous one ran (0: not at all).
     pub registry_batch_wait_ms: u64,
 }
 

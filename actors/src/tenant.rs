@@ -545,8 +545,10 @@ impl TenantState {
                         settle(myself, project, behind).await;
                     }
                     Change::Deprovision(reply) => {
-                        let mut step =
-                            lifecycle::deprovision(&registry, project, current, uncertain).await;
+                        let mut step = lifecycle::deprovision(
+                            &registry, &instance, project, current, uncertain,
+                        )
+                        .await;
                         report(&myself, project, &mut step);
                         let _ = reply.send(step.outcome);
                     }
