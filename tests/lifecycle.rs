@@ -557,6 +557,123 @@ async fn a_project_whose_row_a_crash_took_can_be_deleted_elsewhere_and_stays_del
     assert_eq!(registry_status(&key).await, "deprovisioned");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_brought_back_is_answered_once_the_registry_says_so() {
+    let issuer = Issuer::start().await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+    let key = tenant_key(&instance, 160);
+
+    let mut gateway = Gateway::start(&[&issuer]).await;
+    assert_eq!(gateway.onboard(&token, &instance, 160).await.0, 201);
+    let (status, _) = gateway
+        .call(Method::DELETE, project_path(160), &token, &instance)
+        .await;
+    assert_eq!(status, 200);
+    let (status, answered) = gateway.onboard(&token, &instance, 160).await;
+    assert_eq!((status, answered["status"].as_str()), (201, Some("ready")));
+    // The registry held `deprovisioned`, which a lost row would have left standing (and the
+    // purge due): this answer waited for the `ready` row.
+    gateway.kill();
+    assert_eq!(registry_status(&key).await, "ready");
+
+    let gateway = Gateway::start(&[&issuer]).await;
+    let (status, shown) = gateway
+        .call(Method::GET, project_path(160), &token, &instance)
+        .await;
+    assert_eq!((status, &shown), (200, &answered));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answered_project_is_adopted_even_when_the_quota_has_filled_since() {
+    let issuer = Issuer::start().await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+    let options = || GatewayOptions::new(&[&issuer]).env("TENANTS__MAX_PROJECTS", 1);
+
+    // This gateway's tenant is running and does not know of project 1 when it is answered
+    // elsewhere, so it lets project 2 in as well.
+    let survivor = Gateway::start_with(options()).await;
+    let (status, _) = survivor
+        .call(Method::GET, project_path(1), &token, &instance)
+        .await;
+    assert_eq!(status, 404);
+    let mut crashed = Gateway::start_with(options()).await;
+    let (status, answered) = crashed.onboard(&token, &instance, 1).await;
+    assert_eq!(status, 201);
+    crashed.kill();
+    assert_eq!(survivor.onboard(&token, &instance, 2).await.0, 201);
+
+    let report = reconcile(&survivor).await;
+    let key = tenant_key(&instance, 1);
+    assert!(
+        report["completed"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(key)),
+        "{report}"
+    );
+    let (status, shown) = survivor
+        .call(Method::GET, project_path(1), &token, &instance)
+        .await;
+    assert_eq!((status, &shown), (200, &answered));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_registry_row_does_not_keep_a_gateway_out_of_service() {
+    let clickhouse = common::PrivateClickHouse::start().await;
+    let issuer = Issuer::start().await;
+    let options = || GatewayOptions::new(&[&issuer]).env("CLICKHOUSE__URL", clickhouse.url());
+    let mut gateway = Gateway::start_with(options()).await;
+    gateway.kill();
+    let instance = new_instance();
+    clickhouse
+        .query(&format!(
+            "INSERT INTO monitor_gateway.projects (instance_id, project_id, tenant_key, status, \
+             created_at, updated_at, version, deprovisioned_at) VALUES \
+             ('{instance}', 1, 'not-a-key', 'provisioning', now(), now(), 1, toDateTime(0))"
+        ))
+        .await;
+
+    // Starting waits for /readyz: reconciliation fails on the row, and readiness does not.
+    let gateway = Gateway::start_with(options()).await;
+    let response = gateway
+        .http
+        .post(format!("{}/reconcile", gateway.admin_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let other = new_instance();
+    let token = issuer.token(&other);
+    assert_eq!(gateway.onboard(&token, &other, 1).await.0, 201);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_gateway_does_not_adopt_a_project_whose_row_is_on_its_way() {
+    let issuer = Issuer::start().await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+    let key = tenant_key(&instance, 170);
+    let issuers = [&issuer];
+    let (first, second) = tokio::join!(Gateway::start(&issuers), Gateway::start(&issuers));
+
+    let (status, _) = first.onboard(&token, &instance, 170).await;
+    assert_eq!(status, 201);
+    // Reconciled elsewhere while the row is still queued in the first gateway.
+    let report = reconcile(&second).await;
+    assert!(!report.to_string().contains(&key), "{report}");
+
+    let (status, _) = first
+        .call(Method::DELETE, project_path(170), &token, &instance)
+        .await;
+    assert_eq!(status, 200);
+    let (status, shown) = second
+        .call(Method::GET, project_path(170), &token, &instance)
+        .await;
+    assert_eq!((status, &shown["status"]), (200, &json!("deprovisioned")));
+}
+
 /// Like `send`, for calls that may die with the gateway.
 async fn try_send(
     gateway: &Gateway,
@@ -792,8 +909,12 @@ async fn a_delete_whose_write_was_lost_is_written_again_when_repeated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconciliation_never_brings_back_a_project_deleted_meanwhile() {
+    // A registry of its own: another test's gateway reconciling the shared one would finish
+    // these rows too, and two gateways' caches racing is not what this checks.
+    let clickhouse = common::PrivateClickHouse::start().await;
     let issuer = Issuer::start().await;
-    let gateway = Gateway::start(&[&issuer]).await;
+    let options = GatewayOptions::new(&[&issuer]).env("CLICKHOUSE__URL", clickhouse.url());
+    let gateway = Gateway::start_with(options).await;
     let instance = new_instance();
     let token = issuer.token(&instance);
     let projects: Vec<u64> = (1..=60).collect();
@@ -807,11 +928,12 @@ async fn reconciliation_never_brings_back_a_project_deleted_meanwhile() {
             )
         })
         .collect();
-    clickhouse(&format!(
-        "INSERT INTO monitor_gateway.projects VALUES {}",
-        rows.join(", ")
-    ))
-    .await;
+    clickhouse
+        .query(&format!(
+            "INSERT INTO monitor_gateway.projects VALUES {}",
+            rows.join(", ")
+        ))
+        .await;
 
     // The instance deletes them all while reconciliation works through them.
     let reconciling = async {
@@ -840,7 +962,11 @@ async fn reconciliation_never_brings_back_a_project_deleted_meanwhile() {
             "{project}: {shown}"
         );
         let key = tenant_key(&instance, *project);
-        assert_eq!(registry_status(&key).await, "deprovisioned", "{project}");
+        assert_eq!(
+            clickhouse.registry_status(&key).await,
+            "deprovisioned",
+            "{project}"
+        );
     }
 }
 

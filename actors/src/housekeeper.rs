@@ -22,6 +22,10 @@ pub const HOUSEKEEPER: &str = "housekeeper";
 
 /// Pause before retrying a start-up reconciliation that could not reach ClickHouse.
 const RECONCILE_RETRY: Duration = Duration::from_secs(5);
+const RECONCILE_RETRY_MAX: Duration = Duration::from_secs(300);
+/// How long an unregistered database marked as a project's must stay unregistered before it is
+/// adopted: another gateway alive and onboarding it writes its row well within this.
+const ADOPT_AFTER: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct ReconcileReport {
@@ -42,6 +46,9 @@ pub struct PurgeReport {
 
 pub enum HousekeeperMsg {
     Reconcile(Option<RpcReplyPort<Result<ReconcileReport, String>>>),
+    /// The start-up reconciliation, and its retries while it fails or leaves failures; the
+    /// count of attempts so far.
+    StartUp(u32),
     Purge(Option<RpcReplyPort<Result<PurgeReport, String>>>),
 }
 
@@ -80,7 +87,7 @@ impl Actor for Housekeeper {
         myself: ActorRef<HousekeeperMsg>,
         args: HousekeeperArgs,
     ) -> Result<HousekeeperArgs, ActorProcessingErr> {
-        myself.send_message(HousekeeperMsg::Reconcile(None))?;
+        myself.send_message(HousekeeperMsg::StartUp(0))?;
         let interval = Duration::from_secs(args.settings.purge_interval_seconds.max(1));
         myself.send_interval(interval, || HousekeeperMsg::Purge(None));
         Ok(args)
@@ -95,18 +102,26 @@ impl Actor for Housekeeper {
         match message {
             HousekeeperMsg::Reconcile(reply) => {
                 let report = state.reconcile().await.map_err(|err| err.to_string());
-                if report.is_ok() {
-                    state.reconciled.set();
+                if let Some(reply) = reply {
+                    let _ = reply.send(report);
                 }
-                match (reply, &report) {
-                    (Some(reply), _) => {
-                        let _ = reply.send(report);
-                    }
-                    (None, Err(err)) => {
-                        warn!(error = %err, "start-up reconciliation failed; retrying");
-                        myself.send_after(RECONCILE_RETRY, || HousekeeperMsg::Reconcile(None));
-                    }
-                    (None, Ok(_)) => {}
+            }
+            HousekeeperMsg::StartUp(attempts) => {
+                let outcome = match state.reconcile().await {
+                    Ok(report) if report.failed.is_empty() => None,
+                    Ok(report) => Some(format!("{} could not be finished", report.failed.len())),
+                    Err(err) => Some(err.to_string()),
+                };
+                // Readiness waits for the first pass only: what it could not do is retried
+                // here, and a lasting fault (a corrupt registry row) must not keep every
+                // gateway out of service.
+                state.reconciled.set();
+                if let Some(problem) = outcome {
+                    let delay = RECONCILE_RETRY
+                        .saturating_mul(2u32.saturating_pow(attempts))
+                        .min(RECONCILE_RETRY_MAX);
+                    warn!(problem = %problem, retry_in = ?delay, "start-up reconciliation is not complete");
+                    myself.send_after(delay, move || HousekeeperMsg::StartUp(attempts + 1));
                 }
             }
             HousekeeperMsg::Purge(reply) => {
@@ -164,10 +179,28 @@ impl HousekeeperArgs {
             .into_iter()
             .filter(|database| !registered.contains(database))
             .collect();
-        // A database marked as a project's lost its registry row to a crash after the answer
-        // (or its row is still on its way, which the tenant knows): the project is adopted.
-        if !unregistered.is_empty() {
-            for (database, owner) in self.registry.owners_of(&unregistered).await? {
+        // A database marked as a project's lost its registry row to a crash after the answer,
+        // unless the row is still on its way: this gateway's tenant knows its own, and another
+        // gateway's lands within ADOPT_AFTER. What is still unlisted then is adopted.
+        let marked = if unregistered.is_empty() {
+            Vec::new()
+        } else {
+            self.registry.owners_of(&unregistered).await?
+        };
+        if !marked.is_empty() {
+            tokio::time::sleep(ADOPT_AFTER).await;
+            let registered: HashSet<String> = self
+                .registry
+                .registered_tenant_keys()
+                .await?
+                .into_iter()
+                .map(|key| format!("gitlab_project_{key}"))
+                .collect();
+            for (database, owner) in marked {
+                unregistered.retain(|other| *other != database);
+                if registered.contains(&database) {
+                    continue;
+                }
                 let key = TenantKey::derive(&owner.instance, owner.project).to_string();
                 match self.tenants.adopt(&owner).await {
                     Ok(true) => report.completed.push(key),
@@ -177,7 +210,6 @@ impl HousekeeperArgs {
                         report.failed.push(key);
                     }
                 }
-                unregistered.retain(|other| *other != database);
             }
         }
         report.unregistered_databases = unregistered;

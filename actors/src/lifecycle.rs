@@ -85,6 +85,17 @@ pub async fn onboard(
         return Step::done(outcome, Some(ready));
     }
 
+    // Written behind the answer only when a crash losing it leaves what reconciliation repairs:
+    // a database the registry does not list (adopted), or a `provisioning` row (finished).
+    // A project coming back from deprovisioning has a row the answer contradicts, and one
+    // whose last write is uncertain may have any; there the answer waits for the new row.
+    let behind = !uncertain
+        && current.as_ref().is_none_or(|record| {
+            matches!(
+                record.status,
+                ProjectStatus::Provisioning | ProjectStatus::Purged
+            )
+        });
     let provisioning = match current {
         Some(record) if record.status == ProjectStatus::Provisioning && !uncertain => record,
         Some(record) if record.status != ProjectStatus::Purged => {
@@ -102,9 +113,16 @@ pub async fn onboard(
         return Step::done(Err(err.into()), Some(provisioning));
     }
     let ready = provisioning.with_status(ProjectStatus::Ready);
-    let written = match registry.record_behind(&ready).await {
-        Ok(written) => written,
-        Err(err) => return Step::unknown(err, ready),
+    let written = if behind {
+        match registry.record_behind(&ready).await {
+            Ok(written) => Some(written),
+            Err(err) => return Step::unknown(err, ready),
+        }
+    } else {
+        if let Err(err) = registry.record(&ready).await {
+            return Step::unknown(err, ready);
+        }
+        None
     };
 
     info!(tenant_key = %ready.tenant_key, "project onboarded");
@@ -114,7 +132,7 @@ pub async fn onboard(
         created: true,
     };
     Step {
-        behind: Some(written),
+        behind: written,
         ..Step::done(Ok(onboarded), Some(ready))
     }
 }

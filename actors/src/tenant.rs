@@ -477,7 +477,9 @@ impl TenantState {
                     let _ = reply.send(Ok(false));
                     change = self.next_waiting(project);
                 }
-                Change::Onboard(_) | Change::Finish(_) | Change::Adopt(..) => {
+                // Admitted when it was answered: the quota does not take it back.
+                Change::Adopt(..) => return self.spawn_change(myself, project, next),
+                Change::Onboard(_) | Change::Finish(_) => {
                     match self.admit_onboarding(project) {
                         Ok(()) => return self.spawn_change(myself, project, next),
                         // Refused at once; the next waiting change may still go ahead.

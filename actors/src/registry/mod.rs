@@ -20,6 +20,9 @@ use crate::tenancy::{InstanceId, ProjectId, TenantKey};
 /// Probes for a peer that vanished without closing the connection.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
+/// Database names per query for their owners' marks: about 50 KB of SQL.
+const OWNER_QUERY_CHUNK: usize = 1_000;
+
 const EVENTS_TABLE_DDL: &str = include_str!("../../sql/snowplow_events.sql");
 
 /// The registry table's columns, in `ProjectRow` order; new columns are only ever appended.
@@ -220,15 +223,15 @@ impl Owner {
 
     /// Built from a registry record's parsed fields only, never from request text.
     fn mark(project: &ProjectRecord) -> String {
-        format!(
-            "{}{} {} {}",
-            Self::PREFIX,
-            project.instance,
-            project.project,
-            project.created_at
-        )
+        Self {
+            instance: project.instance.clone(),
+            project: project.project,
+            created_at: project.created_at,
+        }
+        .to_mark()
     }
 
+    /// Only a mark exactly as [`Owner::mark`] writes it.
     fn parse(mark: &str) -> Option<Self> {
         let mut fields = mark.strip_prefix(Self::PREFIX)?.split(' ');
         let owner = Self {
@@ -236,7 +239,17 @@ impl Owner {
             project: ProjectId::parse(fields.next()?).ok()?,
             created_at: fields.next()?.parse().ok()?,
         };
-        fields.next().is_none().then_some(owner)
+        (fields.next().is_none() && owner.to_mark() == mark).then_some(owner)
+    }
+
+    fn to_mark(&self) -> String {
+        format!(
+            "{}{} {} {}",
+            Self::PREFIX,
+            self.instance,
+            self.project,
+            self.created_at
+        )
     }
 
     fn database(&self) -> String {
@@ -439,27 +452,29 @@ impl Registry {
     }
 
     /// The owners marked on these tenant databases' events tables; databases without a valid
-    /// mark are left out.
+    /// mark are left out. Asked in chunks, which keeps each query far below ClickHouse's
+    /// `max_query_size`.
     pub async fn owners_of(
         &self,
         databases: &[String],
     ) -> Result<Vec<(String, Owner)>, RegistryError> {
-        let query = self
-            .server
-            .query(
-                "SELECT database, comment FROM system.columns \
-                 WHERE has(?, database) AND table = 'snowplow_events' AND name = 'app_id'",
-            )
-            .bind(databases);
-        let marks: Vec<(String, String)> = self.deadline(query.fetch_all()).await?;
-        Ok(marks
-            .into_iter()
-            .filter_map(|(database, mark)| {
+        let mut owners = Vec::new();
+        for chunk in databases.chunks(OWNER_QUERY_CHUNK) {
+            let query = self
+                .server
+                .query(
+                    "SELECT database, comment FROM system.columns \
+                     WHERE has(?, database) AND table = 'snowplow_events' AND name = 'app_id'",
+                )
+                .bind(chunk);
+            let marks: Vec<(String, String)> = self.deadline(query.fetch_all()).await?;
+            owners.extend(marks.into_iter().filter_map(|(database, mark)| {
                 Owner::parse(&mark)
                     .filter(|owner| owner.database() == database)
                     .map(|owner| (database, owner))
-            })
-            .collect())
+            }));
+        }
+        Ok(owners)
     }
 
     /// Whether the tenant's events table exists (a read, not DDL).
@@ -570,6 +585,11 @@ mod tests {
             format!("monitor-gateway project {instance} 0 1700000000"),
             "monitor-gateway project not-a-uuid 42 1700000000".to_owned(),
             format!("monitor-gateway project {instance} 42 -1"),
+            format!("monitor-gateway project {instance} 42 +1700000000"),
+            format!(
+                "monitor-gateway project {} 42 1700000000",
+                instance.to_uppercase()
+            ),
         ] {
             assert_eq!(Owner::parse(&mark), None, "{mark:?}");
         }
