@@ -168,13 +168,7 @@ impl HousekeeperArgs {
         // Databases first: a project onboarded between the two reads is then registered by the
         // time the registry is read, instead of looking unregistered.
         let databases = self.registry.tenant_databases().await?;
-        let registered: HashSet<String> = self
-            .registry
-            .registered_tenant_keys()
-            .await?
-            .into_iter()
-            .map(|key| format!("gitlab_project_{key}"))
-            .collect();
+        let registered = self.registered_databases().await?;
         let mut unregistered: Vec<String> = databases
             .into_iter()
             .filter(|database| !registered.contains(database))
@@ -189,13 +183,7 @@ impl HousekeeperArgs {
         };
         if !marked.is_empty() {
             tokio::time::sleep(ADOPT_AFTER).await;
-            let registered: HashSet<String> = self
-                .registry
-                .registered_tenant_keys()
-                .await?
-                .into_iter()
-                .map(|key| format!("gitlab_project_{key}"))
-                .collect();
+            let registered = self.registered_databases().await?;
             for (database, owner) in marked {
                 unregistered.retain(|other| *other != database);
                 if registered.contains(&database) {
@@ -227,6 +215,15 @@ impl HousekeeperArgs {
             "reconciliation done"
         );
         Ok(report)
+    }
+
+    /// The names of the databases of every project the registry lists (purged ones aside).
+    async fn registered_databases(&self) -> Result<HashSet<String>, RegistryError> {
+        let keys = self.registry.registered_tenant_keys().await?;
+        Ok(keys
+            .into_iter()
+            .map(|key| format!("gitlab_project_{key}"))
+            .collect())
     }
 
     async fn purge(&self) -> Result<PurgeReport, RegistryError> {
