@@ -620,33 +620,72 @@ async fn an_answered_project_is_adopted_even_when_the_quota_has_filled_since() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_corrupt_registry_row_does_not_keep_a_gateway_out_of_service() {
+async fn a_corrupt_registry_row_stops_neither_readiness_nor_adoption() {
     let clickhouse = common::PrivateClickHouse::start().await;
     let issuer = Issuer::start().await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
     let options = || GatewayOptions::new(&[&issuer]).env("CLICKHOUSE__URL", clickhouse.url());
     let mut gateway = Gateway::start_with(options()).await;
+    let (status, answered) = gateway.onboard(&token, &instance, 1).await;
+    assert_eq!(status, 201);
     gateway.kill();
-    let instance = new_instance();
     clickhouse
         .query(&format!(
             "INSERT INTO monitor_gateway.projects (instance_id, project_id, tenant_key, status, \
              created_at, updated_at, version, deprovisioned_at) VALUES \
-             ('{instance}', 1, 'not-a-key', 'provisioning', now(), now(), 1, toDateTime(0))"
+             ('{}', 1, 'not-a-key', 'provisioning', now(), now(), 1, toDateTime(0))",
+            new_instance()
         ))
         .await;
 
-    // Starting waits for /readyz: reconciliation fails on the row, and readiness does not.
+    // Starting waits for /readyz, which waits for the start-up pass: the corrupt row is
+    // skipped, and the project whose row the kill took is adopted by then.
     let gateway = Gateway::start_with(options()).await;
-    let response = gateway
+    let (status, shown) = gateway
+        .call(Method::GET, project_path(1), &token, &instance)
+        .await;
+    assert_eq!((status, &shown), (200, &answered));
+    let report = reconcile(&gateway).await;
+    assert_eq!(report["failed"], json!([]), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_elsewhere_outranks_an_onboarding_row_still_on_its_way() {
+    let issuer = Issuer::start().await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+    let key = tenant_key(&instance, 180);
+    let options = || GatewayOptions::new(&[&issuer]).env("TENANTS__DEPROVISION_GRACE_SECONDS", 0);
+    let (first, second) = tokio::join!(
+        Gateway::start_with(options()),
+        Gateway::start_with(options())
+    );
+
+    // The second gateway remembers project 180 as purged.
+    assert_eq!(second.onboard(&token, &instance, 180).await.0, 201);
+    let (status, _) = second
+        .call(Method::DELETE, project_path(180), &token, &instance)
+        .await;
+    assert_eq!(status, 200);
+    let purge = second
         .http
-        .post(format!("{}/reconcile", gateway.admin_url))
+        .post(format!("{}/purge", second.admin_url))
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 503);
-    let other = new_instance();
-    let token = issuer.token(&other);
-    assert_eq!(gateway.onboard(&token, &other, 1).await.0, 201);
+    assert_eq!(purge.status(), 200);
+    registry_settles(&key, "purged").await;
+
+    // Onboarded again through the first, and deleted through the second while the first's
+    // row is still queued: the deletion is what the registry keeps.
+    assert_eq!(first.onboard(&token, &instance, 180).await.0, 201);
+    let (status, deleted) = second
+        .call(Method::DELETE, project_path(180), &token, &instance)
+        .await;
+    assert_eq!((status, &deleted["status"]), (200, &json!("deprovisioned")));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(registry_status(&key).await, "deprovisioned");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

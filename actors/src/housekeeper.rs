@@ -106,24 +106,27 @@ impl Actor for Housekeeper {
                     let _ = reply.send(report);
                 }
             }
-            HousekeeperMsg::StartUp(attempts) => {
-                let outcome = match state.reconcile().await {
-                    Ok(report) if report.failed.is_empty() => None,
-                    Ok(report) => Some(format!("{} could not be finished", report.failed.len())),
-                    Err(err) => Some(err.to_string()),
-                };
-                // Readiness waits for the first pass only: what it could not do is retried
-                // here, and a lasting fault (a corrupt registry row) must not keep every
-                // gateway out of service.
-                state.reconciled.set();
-                if let Some(problem) = outcome {
-                    let delay = RECONCILE_RETRY
-                        .saturating_mul(2u32.saturating_pow(attempts))
-                        .min(RECONCILE_RETRY_MAX);
-                    warn!(problem = %problem, retry_in = ?delay, "start-up reconciliation is not complete");
-                    myself.send_after(delay, move || HousekeeperMsg::StartUp(attempts + 1));
+            HousekeeperMsg::StartUp(attempts) => match state.reconcile().await {
+                // Readiness waits for a pass that reached ClickHouse, and then stops waiting:
+                // what that pass could not finish is retried, less and less often.
+                Ok(report) => {
+                    state.reconciled.set();
+                    if !report.failed.is_empty() {
+                        let delay = RECONCILE_RETRY
+                            .saturating_mul(2u32.saturating_pow(attempts))
+                            .min(RECONCILE_RETRY_MAX);
+                        warn!(failed = report.failed.len(), retry_in = ?delay,
+                            "start-up reconciliation left projects it could not finish");
+                        myself.send_after(delay, move || HousekeeperMsg::StartUp(attempts + 1));
+                    }
                 }
-            }
+                // ClickHouse is away (readiness says so too): try again soon, so that the
+                // adoptions are done shortly after it is back.
+                Err(err) => {
+                    warn!(error = %err, "start-up reconciliation failed; retrying");
+                    myself.send_after(RECONCILE_RETRY, move || HousekeeperMsg::StartUp(attempts));
+                }
+            },
             HousekeeperMsg::Purge(reply) => {
                 let report = state.purge().await.map_err(|err| err.to_string());
                 if let Err(err) = &report {

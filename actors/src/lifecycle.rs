@@ -243,8 +243,10 @@ pub async fn deprovision(
     uncertain: bool,
 ) -> Step<ProjectRecord> {
     let (current, looked_up) = match current {
-        Some(record) => (Some(record), false),
-        None => match look_up(registry, instance, project).await {
+        Some(record) if record.status != ProjectStatus::Purged => (Some(record), false),
+        // A purged record says no more than none: onboarded again elsewhere, the project's
+        // row may have been lost with the gateway that answered.
+        _ => match look_up(registry, instance, project).await {
             Ok(found) => (found, true),
             Err(err) => return Step::done(Err(err.into()), None),
         },
@@ -286,15 +288,19 @@ async fn look_up(
     let Some((_, owner)) = registry.owners_of(&[database]).await?.pop() else {
         return Ok(stored);
     };
-    let base = match stored {
+    let provisioning = match stored {
         Some(purged) => purged.reborn(),
         None => ProjectRecord::new(instance.clone(), project),
     };
-    Ok(Some(ProjectRecord {
-        status: ProjectStatus::Ready,
-        created_at: owner.created_at,
-        ..base
-    }))
+    // The version the answering onboarding wrote, so a change made now supersedes its row,
+    // which may still be on its way.
+    Ok(Some(
+        ProjectRecord {
+            created_at: owner.created_at,
+            ..provisioning
+        }
+        .with_status(ProjectStatus::Ready),
+    ))
 }
 
 /// Drops the database of a project deprovisioned before `cutoff`; false when it is not due.

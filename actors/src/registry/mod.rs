@@ -8,6 +8,7 @@ use clickhouse::{Client, Row};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
+use tracing::warn;
 
 mod writer;
 
@@ -379,8 +380,17 @@ impl Registry {
             "SELECT {PROJECT_COLUMNS} FROM projects FINAL WHERE status = ? \
              ORDER BY instance_id, project_id"
         );
-        self.select(self.client.query(&sql).bind(status.as_str()))
-            .await
+        let query = self.client.query(&sql).bind(status.as_str());
+        let rows = self.deadline(query.fetch_all::<ProjectRow>()).await?;
+        // One corrupt row must not stop every instance's reconciliation or purge.
+        Ok(rows
+            .into_iter()
+            .filter_map(|row| {
+                row.into_record()
+                    .inspect_err(|err| warn!(error = %err, "skipping a corrupt registry row"))
+                    .ok()
+            })
+            .collect())
     }
 
     /// Tenant keys the registry accounts for (everything not purged).
