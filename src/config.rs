@@ -56,7 +56,7 @@ pub enum LogFormat {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// Not a `source`, so the message is printed once.
-    #[error("invalid configuration: {0}")]
+    #[error("invalid configuration: {}", describe(.0))]
     Load(Box<figment::Error>),
     #[error("invalid configuration: {key}: {reason}")]
     Invalid { key: String, reason: String },
@@ -68,6 +68,22 @@ impl From<figment::Error> for ConfigError {
     fn from(err: figment::Error) -> Self {
         Self::Load(Box::new(err))
     }
+}
+
+/// Figment's own message names keys with its profile in front ("default.server.listen"), which
+/// reads as if the key were the built-in default's: say the key and where it came from.
+fn describe(err: &figment::Error) -> String {
+    let mut text = err.kind.to_string();
+    if !err.path.is_empty() {
+        text.push_str(&format!(" for key \"{}\"", err.path.join(".")));
+    }
+    if let Some(metadata) = &err.metadata {
+        match &metadata.source {
+            Some(source) => text.push_str(&format!(" in {source}")),
+            None => text.push_str(&format!(" in {}", metadata.name)),
+        }
+    }
+    text
 }
 
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {

@@ -70,6 +70,21 @@ fn invalid_configuration_fails_naming_the_key() {
         let stderr = String::from_utf8_lossy(&output.stderr).to_lowercase();
         assert!(stderr.contains(named), "{key}={value}: {stderr}");
     }
+    // A key of the operator's own file is named as written there, with the file.
+    let file = std::env::temp_dir().join(format!("mg-unknown-key-{}.toml", std::process::id()));
+    std::fs::write(&file, "[server]\nlisten_addr = \"127.0.0.1:1\"\n").unwrap();
+    let output = gateway()
+        .arg("--config")
+        .arg(&file)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    std::fs::remove_file(&file).unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let named = format!("for key \"server.listen_addr\" in {}", file.display());
+    assert!(stderr.contains(&named), "{stderr}");
+
     let output = gateway()
         .args(["--config", "/nonexistent/gw.toml", "check-config"])
         .output()
