@@ -23,13 +23,16 @@ pub struct ApiError {
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         let status = default_status(code);
-        let retry_after = matches!(
-            status,
-            StatusCode::TOO_MANY_REQUESTS
-                | StatusCode::SERVICE_UNAVAILABLE
-                | StatusCode::BAD_GATEWAY
-        )
-        .then_some(RETRY_AFTER_SECONDS);
+        // A quota frees only when the instance deprovisions a project: waiting would not help.
+        let transient = code != ErrorCode::QuotaExceeded
+            && matches!(
+                status,
+                StatusCode::TOO_MANY_REQUESTS
+                    | StatusCode::SERVICE_UNAVAILABLE
+                    | StatusCode::BAD_GATEWAY
+                    | StatusCode::GATEWAY_TIMEOUT
+            );
+        let retry_after = transient.then_some(RETRY_AFTER_SECONDS);
         Self {
             status,
             code,
