@@ -63,6 +63,11 @@ impl<T> Step<T> {
 /// Moves the project through `provisioning` to `ready`, resuming wherever a previous attempt
 /// stopped. A deprovisioned project comes back with its data; a purged one starts empty.
 /// `uncertain` says the remembered record may not be what the registry holds.
+///
+/// It decides from the fresher of the remembered record and the registry's, since another
+/// gateway may have changed the project meanwhile. For a project the tenant has no record of,
+/// the DDL (which every onboarding ends with, and which is safe to repeat) runs while the
+/// registry is read, so a new project costs no extra round trip.
 pub async fn onboard(
     registry: &Registry,
     instance: &InstanceId,
@@ -70,12 +75,49 @@ pub async fn onboard(
     current: Option<ProjectRecord>,
     uncertain: bool,
 ) -> Step<Onboarded> {
+    let fresh = ProjectRecord::new(instance.clone(), project);
+    let (stored, created) = if current.is_none() {
+        let (stored, created) = tokio::join!(
+            registry.project_of(instance, project),
+            registry.create_tenant_database(&fresh)
+        );
+        (stored, Some(created))
+    } else {
+        (registry.project_of(instance, project).await, None)
+    };
+    match stored {
+        Ok(stored) => {
+            let (current, learned) = fresher(current, stored);
+            advance(registry, fresh, current, learned, created, uncertain).await
+        }
+        Err(err) => Step::done(Err(err.into()), None),
+    }
+}
+
+/// Takes the project from the state its fresher record says to `ready`. `learned` says that
+/// record is the registry's, new to the tenant; `created` is the outcome of the DDL when it
+/// already ran, for `fresh`.
+async fn advance(
+    registry: &Registry,
+    fresh: ProjectRecord,
+    current: Option<ProjectRecord>,
+    learned: bool,
+    created: Option<Result<(), RegistryError>>,
+    uncertain: bool,
+) -> Step<Onboarded> {
     if let Some(record) = current
         .as_ref()
         .filter(|r| r.status == ProjectStatus::Ready)
     {
         if !uncertain {
-            return Step::done(repair(registry, record).await, None);
+            let outcome = match created {
+                Some(created) => created.map_err(TenantError::from).map(|()| Onboarded {
+                    project: record.clone(),
+                    created: false,
+                }),
+                None => repair(registry, record).await,
+            };
+            return Step::done(outcome, learned.then(|| record.clone()));
         }
         let ready = record.with_status(ProjectStatus::Ready);
         if let Err(err) = registry.record(&ready).await {
@@ -101,10 +143,15 @@ pub async fn onboard(
         Some(record) if record.status != ProjectStatus::Purged => {
             record.with_status(ProjectStatus::Provisioning)
         }
-        Some(purged) => purged.reborn(),
-        None => ProjectRecord::new(instance.clone(), project),
+        // The created_at the database's mark already says, when the DDL ran above.
+        Some(purged) => purged.reborn(fresh.created_at),
+        None => fresh,
     };
-    if let Err(err) = registry.create_tenant_database(&provisioning).await {
+    let created = match created {
+        Some(created) => created,
+        None => registry.create_tenant_database(&provisioning).await,
+    };
+    if let Err(err) = created {
         warn!(error = %err, "tenant database creation failed; the project stays provisioning");
         // Recorded so that reconciliation finishes it; ClickHouse may well refuse this too.
         if let Err(write) = registry.record(&provisioning).await {
@@ -137,9 +184,27 @@ pub async fn onboard(
     }
 }
 
-/// Finishes an onboarding left `provisioning`; false when there was nothing to finish. A project
-/// the tenant has not seen (written by another gateway since it loaded) continues from the
-/// registry's version, so what it writes supersedes that row.
+/// The fresher of what the tenant remembers and what the registry holds, and whether it is the
+/// registry's, which the tenant then learns: another gateway may have changed the project.
+fn fresher(
+    remembered: Option<ProjectRecord>,
+    stored: Option<ProjectRecord>,
+) -> (Option<ProjectRecord>, bool) {
+    match (remembered, stored) {
+        (Some(remembered), Some(stored)) if stored.version > remembered.version => {
+            (Some(stored), true)
+        }
+        (Some(remembered), _) => (Some(remembered), false),
+        (None, stored) => {
+            let learned = stored.is_some();
+            (stored, learned)
+        }
+    }
+}
+
+/// Finishes an onboarding left `provisioning` (or a `ready` whose write is uncertain); false
+/// when there was nothing to finish. It reads the registry first: a project another gateway
+/// finished, deleted or wrote since the tenant loaded is taken as the registry has it.
 pub async fn finish(
     registry: &Registry,
     instance: &InstanceId,
@@ -147,46 +212,57 @@ pub async fn finish(
     current: Option<ProjectRecord>,
     uncertain: bool,
 ) -> Step<bool> {
-    let current = match current {
-        Some(record) => record,
-        None => match registry.project_of(instance, project).await {
-            Ok(Some(record)) if record.status == ProjectStatus::Provisioning => record,
-            Ok(stored) => return Step::done(Ok(false), stored),
-            Err(err) => return Step::done(Err(err.into()), None),
-        },
+    let (current, learned) = match registry.project_of(instance, project).await {
+        Ok(stored) => fresher(current, stored),
+        Err(err) => return Step::done(Err(err.into()), None),
     };
-    onboard(registry, instance, project, Some(current), uncertain)
+    let unfinished = current.as_ref().is_some_and(|record| match record.status {
+        ProjectStatus::Provisioning => true,
+        ProjectStatus::Ready => uncertain,
+        _ => false,
+    });
+    if !unfinished {
+        return Step::done(Ok(false), current.filter(|_| learned));
+    }
+    let fresh = ProjectRecord::new(instance.clone(), project);
+    advance(registry, fresh, current, learned, None, uncertain)
         .await
         .map(|_| true)
 }
 
 /// Registers a project whose database exists, marked as the project's, with no registry row
-/// (a crash took the row after the answer), as it was answered. A project the registry knows,
-/// deleted ones included, is left as it is; a purged one comes back with the database found.
+/// (a crash took the row after the answer), as it was answered; true when it wrote a row. A
+/// project the registry knows, deleted ones included, is left as it is. One the tenant
+/// remembers but the registry lost has its remembered record written again; a purged one comes
+/// back with the database found.
 pub async fn adopt(
     registry: &Registry,
     owner: &Owner,
     current: Option<ProjectRecord>,
     uncertain: bool,
 ) -> Step<bool> {
-    let current = match current {
-        Some(record) => Some(record),
-        None => match registry.project_of(&owner.instance, owner.project).await {
-            Ok(stored) => stored,
-            Err(err) => return Step::done(Err(err.into()), None),
-        },
+    let stored = match registry.project_of(&owner.instance, owner.project).await {
+        Ok(stored) => stored,
+        Err(err) => return Step::done(Err(err.into()), None),
     };
-    let found = match current {
-        Some(record) if record.status != ProjectStatus::Purged => {
-            return Step::done(Ok(false), Some(record));
+    if let Some(stored) = stored.as_ref().filter(|record| record.is_live()) {
+        let learned = current.is_none_or(|record| stored.version > record.version);
+        return Step::done(Ok(false), learned.then(|| stored.clone()));
+    }
+    if let Some(remembered) = current.filter(ProjectRecord::is_live) {
+        warn!(tenant_key = %remembered.tenant_key, "the registry lost a project's row; writing it again");
+        let again = remembered.with_status(remembered.status);
+        if let Err(err) = registry.record(&again).await {
+            return Step::unknown(err, again);
         }
-        Some(purged) => purged.reborn(),
-        None => ProjectRecord::new(owner.instance.clone(), owner.project),
-    };
-    let provisioning = ProjectRecord {
-        created_at: owner.created_at,
-        ..found
-    };
+        return Step::done(Ok(true), Some(again));
+    }
+    let provisioning = as_answered(
+        owner.instance.clone(),
+        owner.project,
+        owner.created_at,
+        stored,
+    );
     info!(tenant_key = %provisioning.tenant_key, "adopting a database whose registry row is missing");
     onboard(
         registry,
@@ -197,6 +273,23 @@ pub async fn adopt(
     )
     .await
     .map(|_| true)
+}
+
+/// The provisioning record of a project answered with `created_at` whose row is missing; a
+/// purged row's version history keeps growing.
+fn as_answered(
+    instance: InstanceId,
+    project: ProjectId,
+    created_at: u32,
+    purged: Option<ProjectRecord>,
+) -> ProjectRecord {
+    match purged {
+        Some(purged) => purged.reborn(created_at),
+        None => ProjectRecord {
+            created_at,
+            ..ProjectRecord::new(instance, project)
+        },
+    }
 }
 
 /// A project loaded `provisioning` whose events table exists got past its DDL, so it only lacks
@@ -233,8 +326,10 @@ async fn repair(registry: &Registry, record: &ProjectRecord) -> Result<Onboarded
 }
 
 /// Stops queries and collection at once; the data stays until the purge. Repeating it answers
-/// the same record. A project the tenant has no record of is looked up first, so one whose
-/// registry row a crash took (or another gateway wrote) is deleted too, not adopted later.
+/// the same record. It decides from the fresher of the remembered record and the registry's
+/// (another gateway may have brought the project back or deleted it), and when neither knows
+/// the project live it looks for its marked database, so a project whose registry row a crash
+/// took is deleted too, not adopted later.
 pub async fn deprovision(
     registry: &Registry,
     instance: &InstanceId,
@@ -242,21 +337,23 @@ pub async fn deprovision(
     current: Option<ProjectRecord>,
     uncertain: bool,
 ) -> Step<ProjectRecord> {
-    let (current, looked_up) = match current {
-        Some(record) if record.status != ProjectStatus::Purged => (Some(record), false),
-        // A purged record says no more than none: onboarded again elsewhere, the project's
-        // row may have been lost with the gateway that answered.
-        _ => match look_up(registry, instance, project).await {
+    let (current, learned) = match registry.project_of(instance, project).await {
+        Ok(stored) => fresher(current, stored),
+        Err(err) => return Step::done(Err(err.into()), None),
+    };
+    let (current, learned) = match current {
+        Some(record) if record.is_live() => (Some(record), learned),
+        purged => match marked(registry, instance, project, purged).await {
             Ok(found) => (found, true),
             Err(err) => return Step::done(Err(err.into()), None),
         },
     };
     let record = match current {
         Some(record) if record.status == ProjectStatus::Deprovisioned && !uncertain => {
-            let remember = looked_up.then(|| record.clone());
+            let remember = learned.then(|| record.clone());
             return Step::done(Ok(record), remember);
         }
-        Some(record) if record.status != ProjectStatus::Purged => record,
+        Some(record) if record.is_live() => record,
         _ => return Step::done(Err(TenantError::NotOnboarded(project)), None),
     };
     let deprovisioned = record.with_status(ProjectStatus::Deprovisioned);
@@ -268,53 +365,45 @@ pub async fn deprovision(
     Step::done(Ok(deprovisioned.clone()), Some(deprovisioned))
 }
 
-/// What the registry, or else the project's marked database, knows of a project the tenant has
-/// no record of: another gateway may have written its row since the tenant loaded, or a crash
-/// may have taken the row after the answer and left the database (which counts as `ready`,
-/// as it was answered).
-async fn look_up(
+/// The project as it was answered (`ready`) when its database is marked as its own but the
+/// registry has no live row for it: a crash may have taken the row after the answer.
+async fn marked(
     registry: &Registry,
     instance: &InstanceId,
     project: ProjectId,
+    purged: Option<ProjectRecord>,
 ) -> Result<Option<ProjectRecord>, RegistryError> {
-    let stored = registry.project_of(instance, project).await?;
-    if stored
-        .as_ref()
-        .is_some_and(|record| record.status != ProjectStatus::Purged)
-    {
-        return Ok(stored);
-    }
     let database = TenantKey::derive(instance, project).database();
     let Some((_, owner)) = registry.owners_of(&[database]).await?.pop() else {
-        return Ok(stored);
+        return Ok(None);
     };
-    let provisioning = match stored {
-        Some(purged) => purged.reborn(),
-        None => ProjectRecord::new(instance.clone(), project),
-    };
-    // The version the answering onboarding wrote, so a change made now supersedes its row,
-    // which may still be on its way.
-    Ok(Some(
-        ProjectRecord {
-            created_at: owner.created_at,
-            ..provisioning
-        }
-        .with_status(ProjectStatus::Ready),
-    ))
+    let provisioning = as_answered(instance.clone(), project, owner.created_at, purged);
+    Ok(Some(provisioning.with_status(ProjectStatus::Ready)))
 }
 
 /// Drops the database of a project deprovisioned before `cutoff`; false when it is not due.
+/// The registry is read just before, since another gateway may have brought the project back.
 /// A project whose state is uncertain is never purged until a change has settled it.
 pub async fn purge(
     registry: &Registry,
+    instance: &InstanceId,
+    project: ProjectId,
     current: Option<ProjectRecord>,
     cutoff: u32,
     uncertain: bool,
 ) -> Step<bool> {
-    let due = current
-        .filter(|r| r.status == ProjectStatus::Deprovisioned && r.deprovisioned_at <= cutoff);
-    let Some(record) = due.filter(|_| !uncertain) else {
+    if uncertain {
         return Step::done(Ok(false), None);
+    }
+    let (current, learned) = match registry.project_of(instance, project).await {
+        Ok(stored) => fresher(current, stored),
+        Err(err) => return Step::done(Err(err.into()), None),
+    };
+    let due = |r: &ProjectRecord| {
+        r.status == ProjectStatus::Deprovisioned && r.deprovisioned_at <= cutoff
+    };
+    let Some(record) = current.as_ref().filter(|r| due(r)) else {
+        return Step::done(Ok(false), current.filter(|_| learned));
     };
     if let Err(err) = registry.drop_tenant_database(&record.tenant_key).await {
         return Step::done(Err(err.into()), None);

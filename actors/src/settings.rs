@@ -133,6 +133,9 @@ pub struct TenantSettings {
     pub deprovision_grace_seconds: u64,
     /// How often the purge looks for deprovisioned projects past their grace period.
     pub purge_interval_seconds: u64,
+    /// How often running tenant actors learn the changes other gateways made to the registry;
+    /// 0 when this gateway is the registry's only writer.
+    pub refresh_seconds: u64,
     /// Queries an instance may send per second, on average (a token bucket per instance).
     pub query_rate_per_second: f64,
     /// Queries an instance may send at once above that rate.

@@ -1,21 +1,27 @@
 //! The tenants supervisor: spawns a tenant actor for an instance on first use and forgets it when
-//! it stops. Callers reach a running tenant actor directly through the actor registry.
+//! it stops. Callers reach a running tenant actor directly through the actor registry. It also
+//! keeps the running tenants abreast of what other gateways over the same registry change.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::query::QueryShare;
-use crate::registry::{Owner, ProjectRecord, Registry};
+use crate::registry::{Owner, ProjectRecord, Registry, RegistryError};
 use crate::settings::TenantSettings;
 use crate::tenancy::{InstanceId, ProjectId};
 use crate::tenant::{Onboarded, TenantActor, TenantArgs, TenantError, TenantMsg};
 
 pub const TENANTS_SUPERVISOR: &str = "tenants";
+
+/// How far before the previous look at the registry's changes the next one reaches back: a row
+/// lands some time after the change it records (written behind an answer, or written again
+/// after a failure), and the clocks of gateways differ a little.
+const REFRESH_OVERLAP: Duration = Duration::from_secs(30);
 
 pub enum TenantsMsg {
     /// The tenant actor of an instance, started if it is not running.
@@ -26,6 +32,10 @@ pub enum TenantsMsg {
     /// Timer: ask every running tenant whether it has been idle long enough to stop. One timer
     /// here costs less than one per tenant.
     IdleSweep,
+    /// Timer: look for changes other gateways made to the registry.
+    Refresh,
+    /// What a look that began at the given time (Unix seconds) found.
+    Changed(u32, Result<Vec<ProjectRecord>, RegistryError>),
 }
 
 pub struct TenantsSupervisor;
@@ -38,6 +48,10 @@ pub struct TenantsArgs {
 pub struct TenantsState {
     args: TenantsArgs,
     running: HashMap<InstanceId, ActorRef<TenantMsg>>,
+    /// Rows changed at or after this time (Unix seconds) are asked for next.
+    changed_since: u32,
+    /// A look at the registry's changes is under way.
+    refreshing: bool,
 }
 
 fn tenant_name(instance: &InstanceId) -> String {
@@ -56,9 +70,15 @@ impl Actor for TenantsSupervisor {
     ) -> Result<TenantsState, ActorProcessingErr> {
         let idle = Duration::from_secs(args.settings.idle_timeout_seconds.max(1));
         myself.send_interval(idle.div_f64(2.0), || TenantsMsg::IdleSweep);
+        if args.settings.refresh_seconds > 0 {
+            let refresh = Duration::from_secs(args.settings.refresh_seconds);
+            myself.send_interval(refresh, || TenantsMsg::Refresh);
+        }
         Ok(TenantsState {
             args,
             running: HashMap::new(),
+            changed_since: overlapping(unix_now()),
+            refreshing: false,
         })
     }
 
@@ -77,6 +97,8 @@ impl Actor for TenantsSupervisor {
                     let _ = tenant.send_message(TenantMsg::IdleCheck);
                 }
             }
+            TenantsMsg::Refresh => state.refresh(&myself),
+            TenantsMsg::Changed(started, changes) => state.changed(started, changes),
         }
         Ok(())
     }
@@ -110,6 +132,53 @@ impl Actor for TenantsSupervisor {
 }
 
 impl TenantsState {
+    /// Asks the registry for recent changes on a task of its own, so that a slow ClickHouse
+    /// never holds up the spawning of tenants; one look at a time.
+    fn refresh(&mut self, myself: &ActorRef<TenantsMsg>) {
+        let started = unix_now();
+        if self.running.is_empty() {
+            // A tenant that starts reads the registry as it is then.
+            self.changed_since = overlapping(started);
+            return;
+        }
+        if self.refreshing {
+            return;
+        }
+        self.refreshing = true;
+        let registry = self.args.registry.clone();
+        let since = self.changed_since;
+        let myself = myself.clone();
+        tokio::spawn(async move {
+            let changes = registry.changed_since(since).await;
+            let _ = myself.send_message(TenantsMsg::Changed(started, changes));
+        });
+    }
+
+    /// Hands each running tenant the changes of its instance's projects.
+    fn changed(&mut self, started: u32, changes: Result<Vec<ProjectRecord>, RegistryError>) {
+        self.refreshing = false;
+        let changes = match changes {
+            Ok(changes) => changes,
+            // Readiness reports ClickHouse away; the next look asks from the same time.
+            Err(err) => return debug!(error = %err, "cannot read the registry's changes"),
+        };
+        self.changed_since = overlapping(started);
+        let mut by_instance: HashMap<InstanceId, Vec<ProjectRecord>> = HashMap::new();
+        for record in changes {
+            if self.running.contains_key(&record.instance) {
+                by_instance
+                    .entry(record.instance.clone())
+                    .or_default()
+                    .push(record);
+            }
+        }
+        for (instance, records) in by_instance {
+            if let Some(tenant) = self.running.get(&instance) {
+                let _ = tenant.send_message(TenantMsg::Refresh(records));
+            }
+        }
+    }
+
     async fn tenant(
         &mut self,
         myself: &ActorRef<TenantsMsg>,
@@ -134,6 +203,16 @@ impl TenantsState {
         metrics::gauge!("monitor_gateway_tenant_actors").set(self.running.len() as f64);
         Ok(actor)
     }
+}
+
+fn overlapping(now: u32) -> u32 {
+    now.saturating_sub(REFRESH_OVERLAP.as_secs() as u32)
+}
+
+fn unix_now() -> u32 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as u32)
 }
 
 /// How the rest of the gateway talks to tenants, without building messages by hand.

@@ -524,6 +524,15 @@ impl PrivateClickHouse {
         );
         self.query(&sql).await.trim().to_owned()
     }
+
+    /// Waits for the registry to show `status`, like [`registry_settles`].
+    pub async fn registry_settles(&self, tenant_key: &str, status: &str) {
+        let what = format!("the registry shows {tenant_key} as {status}");
+        eventually(Duration::from_secs(5), &what, || async {
+            self.registry_status(tenant_key).await == status
+        })
+        .await;
+    }
 }
 
 impl Drop for PrivateClickHouse {

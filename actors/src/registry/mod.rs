@@ -1,17 +1,22 @@
 //! The registry: the gateway's own ClickHouse database recording every project, and the DDL that
 //! creates a tenant's database. It is the source of truth; tenant actors cache what it holds.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use clickhouse::{Client, Row};
+use clickhouse::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use serde::{Deserialize, Serialize};
 use tracing::warn;
 
+mod owner;
+mod record;
 mod writer;
 
+pub use owner::Owner;
+use record::{PROJECT_COLUMNS, ProjectRow};
+pub use record::{ProjectRecord, ProjectStatus};
 use writer::Writer;
 pub use writer::Written;
 
@@ -51,211 +56,6 @@ pub enum RegistryError {
         instance: String,
         reason: &'static str,
     },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProjectStatus {
-    /// Registered; its database may not be complete yet.
-    Provisioning,
-    /// Its database and table exist; queries and collection are served.
-    Ready,
-    /// Deleted by its instance: nothing is served, the data is kept for the grace period.
-    Deprovisioned,
-    /// Its database was dropped after the grace period.
-    Purged,
-}
-
-impl ProjectStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Provisioning => "provisioning",
-            Self::Ready => "ready",
-            Self::Deprovisioned => "deprovisioned",
-            Self::Purged => "purged",
-        }
-    }
-
-    fn parse(text: &str) -> Option<Self> {
-        match text {
-            "provisioning" => Some(Self::Provisioning),
-            "ready" => Some(Self::Ready),
-            "deprovisioned" => Some(Self::Deprovisioned),
-            "purged" => Some(Self::Purged),
-            _ => None,
-        }
-    }
-}
-
-/// One project as the registry knows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProjectRecord {
-    pub instance: InstanceId,
-    pub project: ProjectId,
-    pub tenant_key: TenantKey,
-    pub status: ProjectStatus,
-    /// Unix seconds.
-    pub created_at: u32,
-    pub updated_at: u32,
-    /// When it was deprovisioned (Unix seconds), 0 otherwise.
-    pub deprovisioned_at: u32,
-    /// Grows with every change; the registry keeps the row with the highest.
-    pub version: u64,
-}
-
-impl ProjectRecord {
-    pub fn new(instance: InstanceId, project: ProjectId) -> Self {
-        let now = unix_now();
-        Self {
-            tenant_key: TenantKey::derive(&instance, project),
-            instance,
-            project,
-            status: ProjectStatus::Provisioning,
-            created_at: now,
-            updated_at: now,
-            deprovisioned_at: 0,
-            version: 1,
-        }
-    }
-
-    /// The same project in a new status, as the next version.
-    pub fn with_status(&self, status: ProjectStatus) -> Self {
-        let now = unix_now();
-        let deprovisioned_at = if status == ProjectStatus::Deprovisioned {
-            now
-        } else {
-            0
-        };
-        Self {
-            status,
-            updated_at: now,
-            deprovisioned_at,
-            version: self.version + 1,
-            ..self.clone()
-        }
-    }
-
-    /// A purged project onboarded again starts afresh, keeping its version history growing.
-    pub fn reborn(&self) -> Self {
-        let now = unix_now();
-        Self {
-            status: ProjectStatus::Provisioning,
-            created_at: now,
-            updated_at: now,
-            deprovisioned_at: 0,
-            version: self.version + 1,
-            ..self.clone()
-        }
-    }
-}
-
-#[derive(Debug, Row, Serialize, Deserialize)]
-struct ProjectRow {
-    instance_id: String,
-    project_id: u64,
-    tenant_key: String,
-    status: String,
-    created_at: u32,
-    updated_at: u32,
-    deprovisioned_at: u32,
-    version: u64,
-}
-
-/// The columns of `ProjectRow`, in its field order (RowBinary is positional).
-const PROJECT_COLUMNS: &str = "instance_id, project_id, tenant_key, status, created_at, \
-    updated_at, deprovisioned_at, version";
-
-impl From<&ProjectRecord> for ProjectRow {
-    fn from(record: &ProjectRecord) -> Self {
-        Self {
-            instance_id: record.instance.to_string(),
-            project_id: record.project.get(),
-            tenant_key: record.tenant_key.to_string(),
-            status: record.status.as_str().to_owned(),
-            created_at: record.created_at,
-            updated_at: record.updated_at,
-            deprovisioned_at: record.deprovisioned_at,
-            version: record.version,
-        }
-    }
-}
-
-impl ProjectRow {
-    fn into_record(self) -> Result<ProjectRecord, RegistryError> {
-        let corrupt = |reason| RegistryError::Corrupt {
-            instance: self.instance_id.clone(),
-            reason,
-        };
-        let instance = InstanceId::parse(&self.instance_id).map_err(|_| corrupt("instance id"))?;
-        let project = ProjectId::new(self.project_id).map_err(|_| corrupt("project id"))?;
-        let tenant_key =
-            TenantKey::from_stored(&self.tenant_key).ok_or_else(|| corrupt("tenant key"))?;
-        if tenant_key != TenantKey::derive(&instance, project) {
-            return Err(corrupt("tenant key does not match instance and project"));
-        }
-        let status = ProjectStatus::parse(&self.status).ok_or_else(|| corrupt("status"))?;
-        Ok(ProjectRecord {
-            instance,
-            project,
-            tenant_key,
-            status,
-            created_at: self.created_at,
-            updated_at: self.updated_at,
-            deprovisioned_at: self.deprovisioned_at,
-            version: self.version,
-        })
-    }
-}
-
-/// The project a tenant database was created for, and when: written as the comment of its
-/// events table's `app_id` column. ClickHouse keeps it with the table's definition, so it is
-/// there as soon as the table is; a mark is only trusted when the tenant key it derives names
-/// the database it is found in.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Owner {
-    pub instance: InstanceId,
-    pub project: ProjectId,
-    /// The project's `created_at`, which its connection details show.
-    pub created_at: u32,
-}
-
-impl Owner {
-    const PREFIX: &'static str = "monitor-gateway project ";
-
-    /// Built from a registry record's parsed fields only, never from request text.
-    fn mark(project: &ProjectRecord) -> String {
-        Self {
-            instance: project.instance.clone(),
-            project: project.project,
-            created_at: project.created_at,
-        }
-        .to_mark()
-    }
-
-    /// Only a mark exactly as [`Owner::mark`] writes it.
-    fn parse(mark: &str) -> Option<Self> {
-        let mut fields = mark.strip_prefix(Self::PREFIX)?.split(' ');
-        let owner = Self {
-            instance: InstanceId::parse(fields.next()?).ok()?,
-            project: ProjectId::parse(fields.next()?).ok()?,
-            created_at: fields.next()?.parse().ok()?,
-        };
-        (fields.next().is_none() && owner.to_mark() == mark).then_some(owner)
-    }
-
-    fn to_mark(&self) -> String {
-        format!(
-            "{}{} {} {}",
-            Self::PREFIX,
-            self.instance,
-            self.project,
-            self.created_at
-        )
-    }
-
-    fn database(&self) -> String {
-        TenantKey::derive(&self.instance, self.project).database()
-    }
 }
 
 #[derive(Clone)]
@@ -383,14 +183,27 @@ impl Registry {
         let query = self.client.query(&sql).bind(status.as_str());
         let rows = self.deadline(query.fetch_all::<ProjectRow>()).await?;
         // One corrupt row must not stop every instance's reconciliation or purge.
-        Ok(rows
-            .into_iter()
-            .filter_map(|row| {
-                row.into_record()
-                    .inspect_err(|err| warn!(error = %err, "skipping a corrupt registry row"))
-                    .ok()
-            })
-            .collect())
+        Ok(rows.into_iter().filter_map(valid).collect())
+    }
+
+    /// The latest version of every project whose row changed at or after `since` (Unix
+    /// seconds). Read without `FINAL`, which would merge the whole table: older versions that
+    /// are still unmerged are set aside here.
+    pub async fn changed_since(&self, since: u32) -> Result<Vec<ProjectRecord>, RegistryError> {
+        let sql = format!("SELECT {PROJECT_COLUMNS} FROM projects WHERE updated_at >= ?");
+        let query = self.client.query(&sql).bind(since);
+        let rows = self.deadline(query.fetch_all::<ProjectRow>()).await?;
+        let mut latest: HashMap<(InstanceId, ProjectId), ProjectRecord> = HashMap::new();
+        for record in rows.into_iter().filter_map(valid) {
+            let key = (record.instance.clone(), record.project);
+            match latest.get(&key) {
+                Some(known) if known.version >= record.version => {}
+                _ => {
+                    latest.insert(key, record);
+                }
+            }
+        }
+        Ok(latest.into_values().collect())
     }
 
     /// Tenant keys the registry accounts for (everything not purged).
@@ -535,6 +348,13 @@ impl Registry {
     }
 }
 
+/// The row's record, or None (logged) for a corrupt row.
+fn valid(row: ProjectRow) -> Option<ProjectRecord> {
+    row.into_record()
+        .inspect_err(|err| warn!(error = %err, "skipping a corrupt registry row"))
+        .ok()
+}
+
 /// The crate's default HTTP client leaves Nagle's algorithm on. An INSERT streams its body
 /// after the headers, so its last segment waits for the server's delayed ACK: about one INSERT
 /// in five took 40 ms more on loopback. With `TCP_NODELAY` an INSERT costs what a DDL
@@ -547,61 +367,4 @@ fn nodelay_client(idle: Duration) -> Client {
         .pool_idle_timeout(idle)
         .build(connector);
     Client::with_http_client(http)
-}
-
-fn unix_now() -> u32 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as u32)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn record() -> ProjectRecord {
-        let instance = InstanceId::parse("8F6E4253-4B5E-4A6C-9D55-3B0B6A1D2C7E").unwrap();
-        ProjectRecord {
-            created_at: 1_700_000_000,
-            ..ProjectRecord::new(instance, ProjectId::new(42).unwrap())
-        }
-    }
-
-    #[test]
-    fn an_owner_mark_reads_back_as_the_project_it_was_written_for() {
-        let record = record();
-        let mark = Owner::mark(&record);
-        assert_eq!(
-            mark,
-            "monitor-gateway project 8f6e4253-4b5e-4a6c-9d55-3b0b6a1d2c7e 42 1700000000"
-        );
-        let owner = Owner::parse(&mark).unwrap();
-        assert_eq!(
-            (&owner.instance, owner.project, owner.created_at),
-            (&record.instance, record.project, record.created_at)
-        );
-        assert_eq!(owner.database(), record.tenant_key.database());
-    }
-
-    #[test]
-    fn a_mark_that_is_not_exactly_an_owner_is_refused() {
-        let instance = "8f6e4253-4b5e-4a6c-9d55-3b0b6a1d2c7e";
-        for mark in [
-            String::new(),
-            format!("{instance} 42 1700000000"),
-            format!("monitor-gateway project {instance} 42"),
-            format!("monitor-gateway project {instance} 42 1700000000 more"),
-            format!("monitor-gateway project {instance} 042 1700000000"),
-            format!("monitor-gateway project {instance} 0 1700000000"),
-            "monitor-gateway project not-a-uuid 42 1700000000".to_owned(),
-            format!("monitor-gateway project {instance} 42 -1"),
-            format!("monitor-gateway project {instance} 42 +1700000000"),
-            format!(
-                "monitor-gateway project {} 42 1700000000",
-                instance.to_uppercase()
-            ),
-        ] {
-            assert_eq!(Owner::parse(&mark), None, "{mark:?}");
-        }
-    }
 }

@@ -14,14 +14,15 @@ use tracing::{Instrument, info_span, warn};
 use crate::code::ErrorCode;
 use crate::lifecycle;
 use crate::query::QueryShare;
-use crate::registry::{Owner, ProjectRecord, ProjectStatus, Registry, RegistryError, Written};
+use crate::registry::{Owner, ProjectRecord, ProjectStatus, Registry, RegistryError};
 use crate::settings::TenantSettings;
 use crate::tenancy::{InstanceId, ProjectId};
 
-/// How long after a row written behind an answer failed its project's state is written again;
-/// it doubles with every failed attempt, up to [`BEHIND_RETRY_MAX`].
-const BEHIND_RETRY: Duration = Duration::from_secs(2);
-const BEHIND_RETRY_MAX: Duration = Duration::from_secs(60);
+mod behind;
+mod bucket;
+
+use behind::{report, settle};
+use bucket::TokenBucket;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TenantError {
@@ -78,7 +79,7 @@ pub enum TenantMsg {
     /// false when there was nothing to finish (finished, deprovisioned or purged meanwhile).
     Finish(ProjectId, RpcReplyPort<Result<bool, TenantError>>),
     /// Registers the project, whose database was found marked as its own with no registry row,
-    /// unless the project is known by its turn; true when it was registered.
+    /// unless the registry knows it by its turn; true when a row was written.
     Adopt(Owner, RpcReplyPort<Result<bool, TenantError>>),
     /// The project when it is ready to serve queries and collection.
     ReadyProject(ProjectId, RpcReplyPort<Result<ProjectRecord, TenantError>>),
@@ -104,6 +105,8 @@ pub enum TenantMsg {
     RewriteBehind(ProjectId, u32),
     /// Sent by the supervisor's sweep: stop when nothing happened for the idle timeout.
     IdleCheck,
+    /// Recent registry rows of the instance's projects, some perhaps written by other gateways.
+    Refresh(Vec<ProjectRecord>),
 }
 
 /// Whether the registry holds the record a change leaves behind.
@@ -228,7 +231,7 @@ impl Actor for TenantActor {
         message: TenantMsg,
         state: &mut TenantState,
     ) -> Result<(), ActorProcessingErr> {
-        if !matches!(message, TenantMsg::IdleCheck) {
+        if !matches!(message, TenantMsg::IdleCheck | TenantMsg::Refresh(_)) {
             state.last_active = Instant::now();
         }
         match message {
@@ -280,12 +283,13 @@ impl Actor for TenantActor {
                 let _ = reply.send(state.known_project(project).cloned());
             }
             TenantMsg::Projects(reply) => {
-                let live = state.projects.values().filter(|record| is_live(record));
+                let live = state.projects.values().filter(|record| record.is_live());
                 let _ = reply.send(Ok(live.cloned().collect()));
             }
             TenantMsg::Usage(project, year, month, reply) => {
                 state.usage(project, year, month, reply)
             }
+            TenantMsg::Refresh(records) => state.refresh(records),
             TenantMsg::IdleCheck => {
                 let idle = Duration::from_secs(state.settings.idle_timeout_seconds);
                 // A project with a write of unknown outcome keeps the actor: reloading from the
@@ -302,36 +306,6 @@ impl Actor for TenantActor {
         }
         Ok(())
     }
-}
-
-/// Tells the tenant what a finished change leaves behind, before the caller hears of it, and
-/// hands over what is still being written behind the answer.
-fn report<T>(
-    myself: &ActorRef<TenantMsg>,
-    project: ProjectId,
-    step: &mut lifecycle::Step<T>,
-) -> Option<(u64, Written)> {
-    let behind = step.behind.take().zip(step.record.as_ref());
-    let stored = match (&behind, step.uncertain) {
-        (Some(_), _) => Stored::Behind,
-        (None, true) => Stored::Unknown,
-        (None, false) => Stored::Yes,
-    };
-    let behind = behind.map(|(written, record)| (record.version, written));
-    let _ = myself.send_message(TenantMsg::ChangeDone(project, step.record.clone(), stored));
-    behind
-}
-
-/// Waits, after the answer, for a row written behind it, and tells the tenant how it went.
-async fn settle(myself: ActorRef<TenantMsg>, project: ProjectId, behind: Option<(u64, Written)>) {
-    if let Some((version, written)) = behind {
-        let stored = written.stored().await.is_ok();
-        let _ = myself.send_message(TenantMsg::BehindStored(project, version, stored));
-    }
-}
-
-fn is_live(record: &ProjectRecord) -> bool {
-    record.status != ProjectStatus::Purged
 }
 
 impl TenantState {
@@ -379,75 +353,24 @@ impl TenantState {
         }
     }
 
-    /// Projects loaded `provisioning` whose database is complete were answered `ready` before
-    /// a crash took their `ready` row: they are ready again at once, their row written behind.
-    async fn finish_loaded(&mut self, myself: &ActorRef<TenantMsg>) {
-        let half_done: Vec<ProjectRecord> = self
-            .projects
-            .values()
-            .filter(|record| record.status == ProjectStatus::Provisioning)
-            .cloned()
-            .collect();
-        for record in half_done {
+    /// Takes what other gateways changed: a record newer than the one remembered replaces it,
+    /// and settles whatever was still uncertain or on its way for that project. A project with
+    /// a change running is left to it, since every change reads the registry itself.
+    fn refresh(&mut self, records: Vec<ProjectRecord>) {
+        for record in records {
             let project = record.project;
-            match lifecycle::finish_loaded(&self.registry, &record).await {
-                Ok(Some((ready, written))) => {
-                    let version = ready.version;
-                    self.behind.insert(project, version);
-                    self.finished_at_load.insert(project);
-                    self.projects.insert(project, ready);
-                    tokio::spawn(settle(myself.clone(), project, Some((version, written))));
-                }
-                Ok(None) => {}
-                Err(err) => {
-                    warn!(%project, error = %err, "cannot check a half-done onboarding; finishing it shortly");
-                    self.uncertain.insert(project);
-                    myself.send_after(BEHIND_RETRY, move || TenantMsg::RewriteBehind(project, 0));
-                }
+            let newer = self
+                .projects
+                .get(&project)
+                .is_none_or(|known| record.version > known.version);
+            if !newer || self.running.contains(&project) {
+                continue;
             }
+            self.uncertain.remove(&project);
+            self.behind.remove(&project);
+            self.finished_at_load.remove(&project);
+            self.projects.insert(project, record);
         }
-    }
-
-    /// A row written behind an answer is stored or failed. A failed one leaves the project
-    /// uncertain and is written again shortly, unless a later change has superseded it.
-    fn behind_stored(
-        &mut self,
-        myself: &ActorRef<TenantMsg>,
-        project: ProjectId,
-        version: u64,
-        stored: bool,
-    ) {
-        if self.behind.get(&project) != Some(&version) {
-            return;
-        }
-        self.behind.remove(&project);
-        if stored {
-            return;
-        }
-        warn!(%project, "a registry write behind an answer failed; writing it again shortly");
-        self.uncertain.insert(project);
-        myself.send_after(BEHIND_RETRY, move || TenantMsg::RewriteBehind(project, 0));
-    }
-
-    /// Finishes the project again, as reconciliation would, and tries later if that fails too;
-    /// the answer promised `ready`, so the registry is owed its row.
-    fn rewrite_behind(&mut self, myself: &ActorRef<TenantMsg>, project: ProjectId, attempts: u32) {
-        if !self.uncertain.contains(&project) {
-            return;
-        }
-        let (reply, finished) = ractor::concurrency::oneshot();
-        self.enqueue(myself, project, Change::Finish(reply.into()));
-        let myself = myself.clone();
-        tokio::spawn(async move {
-            if !matches!(finished.await, Ok(Ok(_))) {
-                let delay = BEHIND_RETRY
-                    .saturating_mul(2u32.saturating_pow(attempts + 1))
-                    .min(BEHIND_RETRY_MAX);
-                myself.send_after(delay, move || {
-                    TenantMsg::RewriteBehind(project, attempts + 1)
-                });
-            }
-        });
     }
 
     fn next_waiting(&mut self, project: ProjectId) -> Option<Change> {
@@ -472,8 +395,8 @@ impl TenantState {
                     let _ = reply.send(Ok(self.finished_at_load.remove(&project)));
                     change = self.next_waiting(project);
                 }
-                // Known by now (onboarded, deleted or finished since the databases were listed).
-                Change::Adopt(_, reply) if self.projects.get(&project).is_some_and(is_live) => {
+                // Its row is on its way (onboarded since the databases were listed).
+                Change::Adopt(_, reply) if self.behind.contains_key(&project) => {
                     let _ = reply.send(Ok(false));
                     change = self.next_waiting(project);
                 }
@@ -563,8 +486,10 @@ impl TenantState {
                         settle(myself, project, behind).await;
                     }
                     Change::Purge(cutoff, reply) => {
-                        let mut step =
-                            lifecycle::purge(&registry, current, cutoff, uncertain).await;
+                        let mut step = lifecycle::purge(
+                            &registry, &instance, project, current, cutoff, uncertain,
+                        )
+                        .await;
                         report(&myself, project, &mut step);
                         let _ = reply.send(step.outcome);
                     }
@@ -601,7 +526,7 @@ impl TenantState {
     fn known_project(&self, project: ProjectId) -> Result<&ProjectRecord, TenantError> {
         self.projects
             .get(&project)
-            .filter(|record| is_live(record))
+            .filter(|record| record.is_live())
             .ok_or(TenantError::NotOnboarded(project))
     }
 
@@ -611,73 +536,5 @@ impl TenantState {
             .filter(|record| record.status == ProjectStatus::Ready)
             .cloned()
             .ok_or(TenantError::NotOnboarded(project))
-    }
-}
-
-/// A token bucket: `rate` tokens a second, holding `burst` at most.
-#[derive(Debug)]
-struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    refilled: Instant,
-}
-
-impl TokenBucket {
-    fn new(rate: f64, burst: u32) -> Self {
-        let burst = f64::from(burst.max(1));
-        Self {
-            rate: rate.max(f64::MIN_POSITIVE),
-            burst,
-            tokens: burst,
-            refilled: Instant::now(),
-        }
-    }
-
-    /// Takes a token, or says in how many whole seconds one will be there.
-    fn take(&mut self) -> Result<(), u64> {
-        self.take_at(Instant::now())
-    }
-
-    fn take_at(&mut self, now: Instant) -> Result<(), u64> {
-        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        self.refilled = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            return Ok(());
-        }
-        Err(((1.0 - self.tokens) / self.rate).ceil().max(1.0) as u64)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_bucket_allows_a_burst_then_the_rate() {
-        let mut bucket = TokenBucket::new(2.0, 3);
-        let start = Instant::now();
-        for _ in 0..3 {
-            assert_eq!(bucket.take_at(start), Ok(()));
-        }
-        assert_eq!(bucket.take_at(start), Err(1));
-        assert_eq!(bucket.take_at(start + Duration::from_millis(500)), Ok(()));
-        assert!(bucket.take_at(start + Duration::from_millis(500)).is_err());
-        // Idle time refills up to the burst, never beyond.
-        let later = start + Duration::from_secs(60);
-        for _ in 0..3 {
-            assert_eq!(bucket.take_at(later), Ok(()));
-        }
-        assert!(bucket.take_at(later).is_err());
-    }
-
-    #[test]
-    fn a_slow_rate_asks_for_a_longer_wait() {
-        let mut bucket = TokenBucket::new(0.1, 1);
-        let start = Instant::now();
-        assert_eq!(bucket.take_at(start), Ok(()));
-        assert_eq!(bucket.take_at(start), Err(10));
     }
 }
