@@ -15,7 +15,9 @@
 
 use tracing::{info, warn};
 
-use crate::registry::{Owner, ProjectRecord, ProjectStatus, Registry, RegistryError, Written};
+use crate::registry::{
+    Owner, ProjectRecord, ProjectStatus, Registry, RegistryError, Written, unix_now,
+};
 use crate::tenancy::{InstanceId, ProjectId, TenantKey};
 use crate::tenant::{Onboarded, TenantError};
 
@@ -64,10 +66,12 @@ impl<T> Step<T> {
 /// stopped. A deprovisioned project comes back with its data; a purged one starts empty.
 /// `uncertain` says the remembered record may not be what the registry holds.
 ///
-/// It decides from the fresher of the remembered record and the registry's, since another
-/// gateway may have changed the project meanwhile. For a project the tenant has no record of,
-/// the DDL (which every onboarding ends with, and which is safe to repeat) runs while the
-/// registry is read, so a new project costs no extra round trip.
+/// A project the tenant remembers is taken as the fresher of that record and the registry's,
+/// since another gateway may have changed it meanwhile. One it has no record of is taken as
+/// new, without a read: on ClickHouse a point read of the registry costs about what the DDL
+/// does. The registry still ends with it ready (this change is the latest); what another
+/// gateway did to it in the last `tenants.refresh_seconds`, before this tenant heard of it,
+/// only changes the answer's `201` into what would have been a `200` or a restore.
 pub async fn onboard(
     registry: &Registry,
     instance: &InstanceId,
@@ -75,34 +79,27 @@ pub async fn onboard(
     current: Option<ProjectRecord>,
     uncertain: bool,
 ) -> Step<Onboarded> {
-    let fresh = ProjectRecord::new(instance.clone(), project);
-    let (stored, created) = if current.is_none() {
-        let (stored, created) = tokio::join!(
-            registry.project_of(instance, project),
-            registry.create_tenant_database(&fresh)
-        );
-        (stored, Some(created))
-    } else {
-        (registry.project_of(instance, project).await, None)
+    let stored = match current {
+        Some(_) => registry.project_of(instance, project).await,
+        None => Ok(None),
     };
     match stored {
         Ok(stored) => {
             let (current, learned) = fresher(current, stored);
-            advance(registry, fresh, current, learned, created, uncertain).await
+            advance(registry, instance, project, current, learned, uncertain).await
         }
         Err(err) => Step::done(Err(err.into()), None),
     }
 }
 
-/// Takes the project from the state its fresher record says to `ready`. `learned` says that
-/// record is the registry's, new to the tenant; `created` is the outcome of the DDL when it
-/// already ran, for `fresh`.
+/// Takes the project from the state its fresher record says to `ready`; `learned` says that
+/// record is the registry's, new to the tenant.
 async fn advance(
     registry: &Registry,
-    fresh: ProjectRecord,
+    instance: &InstanceId,
+    project: ProjectId,
     current: Option<ProjectRecord>,
     learned: bool,
-    created: Option<Result<(), RegistryError>>,
     uncertain: bool,
 ) -> Step<Onboarded> {
     if let Some(record) = current
@@ -110,13 +107,7 @@ async fn advance(
         .filter(|r| r.status == ProjectStatus::Ready)
     {
         if !uncertain {
-            let outcome = match created {
-                Some(created) => created.map_err(TenantError::from).map(|()| Onboarded {
-                    project: record.clone(),
-                    created: false,
-                }),
-                None => repair(registry, record).await,
-            };
+            let outcome = repair(registry, record).await;
             return Step::done(outcome, learned.then(|| record.clone()));
         }
         let ready = record.with_status(ProjectStatus::Ready);
@@ -143,15 +134,10 @@ async fn advance(
         Some(record) if record.status != ProjectStatus::Purged => {
             record.with_status(ProjectStatus::Provisioning)
         }
-        // The created_at the database's mark already says, when the DDL ran above.
-        Some(purged) => purged.reborn(fresh.created_at),
-        None => fresh,
+        Some(purged) => purged.reborn(unix_now()),
+        None => ProjectRecord::new(instance.clone(), project),
     };
-    let created = match created {
-        Some(created) => created,
-        None => registry.create_tenant_database(&provisioning).await,
-    };
-    if let Err(err) = created {
+    if let Err(err) = registry.create_tenant_database(&provisioning).await {
         warn!(error = %err, "tenant database creation failed; the project stays provisioning");
         // Recorded so that reconciliation finishes it; ClickHouse may well refuse this too.
         if let Err(write) = registry.record(&provisioning).await {
@@ -224,8 +210,7 @@ pub async fn finish(
     if !unfinished {
         return Step::done(Ok(false), current.filter(|_| learned));
     }
-    let fresh = ProjectRecord::new(instance.clone(), project);
-    advance(registry, fresh, current, learned, None, uncertain)
+    advance(registry, instance, project, current, learned, uncertain)
         .await
         .map(|_| true)
 }

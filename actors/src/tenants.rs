@@ -4,14 +4,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tracing::{debug, warn};
 
 use crate::query::QueryShare;
-use crate::registry::{Owner, ProjectRecord, Registry, RegistryError};
+use crate::registry::{Owner, ProjectRecord, Registry, RegistryError, unix_now};
 use crate::settings::TenantSettings;
 use crate::tenancy::{InstanceId, ProjectId};
 use crate::tenant::{Onboarded, TenantActor, TenantArgs, TenantError, TenantMsg};
@@ -207,12 +207,6 @@ impl TenantsState {
 
 fn overlapping(now: u32) -> u32 {
     now.saturating_sub(REFRESH_OVERLAP.as_secs() as u32)
-}
-
-fn unix_now() -> u32 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as u32)
 }
 
 /// How the rest of the gateway talks to tenants, without building messages by hand.

@@ -16,7 +16,7 @@ mod writer;
 
 pub use owner::Owner;
 use record::{PROJECT_COLUMNS, ProjectRow};
-pub use record::{ProjectRecord, ProjectStatus};
+pub use record::{ProjectRecord, ProjectStatus, unix_now};
 use writer::Writer;
 pub use writer::Written;
 

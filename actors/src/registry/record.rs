@@ -181,7 +181,8 @@ fn next_version(previous: u64) -> u64 {
     micros.max(previous.saturating_add(1))
 }
 
-fn unix_now() -> u32 {
+/// The time now, in the registry's Unix seconds.
+pub fn unix_now() -> u32 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as u32)
