@@ -7,7 +7,7 @@ use futures::future::join_all;
 use reqwest::Method;
 use serde_json::json;
 
-use super::{database_exists, project_path, reconcile};
+use super::{database_exists, project_path, purge, reconcile};
 use crate::common::{
     self, Gateway, GatewayOptions, Issuer, clickhouse, new_instance, registry_settles,
     registry_status, tenant_key,
@@ -226,13 +226,7 @@ async fn a_delete_elsewhere_outranks_an_onboarding_row_still_on_its_way() {
         .call(Method::DELETE, project_path(180), &token, &instance)
         .await;
     assert_eq!(status, 200);
-    let purge = second
-        .http
-        .post(format!("{}/purge", second.admin_url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(purge.status(), 200);
+    purge(&second).await;
     registry_settles(&key, "purged").await;
 
     // Onboarded again through the first, and deleted through the second while the first's
