@@ -67,11 +67,7 @@ impl<T> Step<T> {
 /// `uncertain` says the remembered record may not be what the registry holds.
 ///
 /// A project the tenant remembers is taken as the fresher of that record and the registry's,
-/// since another gateway may have changed it meanwhile. One it has no record of is taken as
-/// new, without a read: on ClickHouse a point read of the registry costs about what the DDL
-/// does. The registry still ends with it ready (this change is the latest); what another
-/// gateway did to it in the last `tenants.refresh_seconds`, before this tenant heard of it,
-/// only changes the answer's `201` into what would have been a `200` or a restore.
+/// since another gateway may have changed it meanwhile.
 pub async fn onboard(
     registry: &Registry,
     instance: &InstanceId,
@@ -79,21 +75,72 @@ pub async fn onboard(
     current: Option<ProjectRecord>,
     uncertain: bool,
 ) -> Step<Onboarded> {
-    let stored = match current {
-        Some(_) => registry.project_of(instance, project).await,
-        None => Ok(None),
-    };
-    match stored {
+    if current.is_none() {
+        return onboard_unknown(registry, instance, project).await;
+    }
+    match registry.project_of(instance, project).await {
         Ok(stored) => {
             let (current, learned) = fresher(current, stored);
-            advance(registry, instance, project, current, learned, uncertain).await
+            advance(
+                registry, instance, project, current, learned, uncertain, false,
+            )
+            .await
         }
         Err(err) => Step::done(Err(err.into()), None),
     }
 }
 
+/// A project the tenant has no record of is new, unless its database exists already: its
+/// `CREATE DATABASE` tells, so the common case costs the DDL alone (a point read of the
+/// registry costs ClickHouse about as much). A database that is there was onboarded through
+/// another gateway, deleted within its grace period, or answered before a crash took its row:
+/// the registry, or else the database's mark, says how, and the answer keeps its details.
+async fn onboard_unknown(
+    registry: &Registry,
+    instance: &InstanceId,
+    project: ProjectId,
+) -> Step<Onboarded> {
+    let key = TenantKey::derive(instance, project);
+    match registry.create_database_if_new(&key).await {
+        Ok(false) => {}
+        Ok(true) => return advance(registry, instance, project, None, false, false, true).await,
+        // The next steps try again, and record the project `provisioning` if they fail too.
+        Err(_) => return advance(registry, instance, project, None, false, false, false).await,
+    }
+    let stored = match registry.project_of(instance, project).await {
+        Ok(stored) => stored,
+        Err(err) => return Step::done(Err(err.into()), None),
+    };
+    if stored.as_ref().is_some_and(ProjectRecord::is_live) {
+        return advance(registry, instance, project, stored, true, false, false).await;
+    }
+    match marked(registry, instance, project, stored).await {
+        // Ready as it was answered, with no row to say so: written now, as after a failed
+        // write. Not a new project, so not counted as onboarded again.
+        Ok(Some(answered)) => {
+            let step = advance(
+                registry,
+                instance,
+                project,
+                Some(answered),
+                true,
+                true,
+                false,
+            );
+            step.await.map(|onboarded| Onboarded {
+                created: false,
+                ..onboarded
+            })
+        }
+        // An empty database (a crash between its two statements), or none any more.
+        Ok(None) => advance(registry, instance, project, None, false, false, false).await,
+        Err(err) => Step::done(Err(err.into()), None),
+    }
+}
+
 /// Takes the project from the state its fresher record says to `ready`; `learned` says that
-/// record is the registry's, new to the tenant.
+/// record is the registry's, new to the tenant, and `database_created` that its database was
+/// created a moment ago and lacks only its table.
 async fn advance(
     registry: &Registry,
     instance: &InstanceId,
@@ -101,6 +148,7 @@ async fn advance(
     current: Option<ProjectRecord>,
     learned: bool,
     uncertain: bool,
+    database_created: bool,
 ) -> Step<Onboarded> {
     if let Some(record) = current
         .as_ref()
@@ -137,7 +185,12 @@ async fn advance(
         Some(purged) => purged.reborn(unix_now()),
         None => ProjectRecord::new(instance.clone(), project),
     };
-    if let Err(err) = registry.create_tenant_database(&provisioning).await {
+    let created = if database_created {
+        registry.create_events_table(&provisioning).await
+    } else {
+        registry.create_tenant_database(&provisioning).await
+    };
+    if let Err(err) = created {
         warn!(error = %err, "tenant database creation failed; the project stays provisioning");
         // Recorded so that reconciliation finishes it; ClickHouse may well refuse this too.
         if let Err(write) = registry.record(&provisioning).await {
@@ -210,9 +263,11 @@ pub async fn finish(
     if !unfinished {
         return Step::done(Ok(false), current.filter(|_| learned));
     }
-    advance(registry, instance, project, current, learned, uncertain)
-        .await
-        .map(|_| true)
+    advance(
+        registry, instance, project, current, learned, uncertain, false,
+    )
+    .await
+    .map(|_| true)
 }
 
 /// Registers a project whose database exists, marked as the project's, with no registry row

@@ -19,9 +19,10 @@ use crate::tenant::{Onboarded, TenantActor, TenantArgs, TenantError, TenantMsg};
 pub const TENANTS_SUPERVISOR: &str = "tenants";
 
 /// How far before the previous look at the registry's changes the next one reaches back: a row
-/// lands some time after the change it records (written behind an answer, or written again
-/// after a failure), and the clocks of gateways differ a little.
-const REFRESH_OVERLAP: Duration = Duration::from_secs(30);
+/// lands some time after the change it records (written behind an answer, written again after
+/// a failure, or an INSERT whose answer timed out and that ClickHouse committed later), and the
+/// clocks of gateways differ a little. Rows seen twice cost a comparison of versions.
+const REFRESH_OVERLAP: Duration = Duration::from_secs(300);
 
 pub enum TenantsMsg {
     /// The tenant actor of an instance, started if it is not running.

@@ -185,3 +185,68 @@ async fn replicas_learn_each_others_changes_within_the_refresh_interval() {
     let what = "B still shows a deleted project ready";
     common::eventually(Duration::from_secs(10), what, deleted_on_b).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_has_not_heard_of_a_project_answers_with_its_details() {
+    let clickhouse = PrivateClickHouse::start().await;
+    let issuer = Issuer::start().await;
+    let (a, b) = replicas(&issuer, &clickhouse, &[]).await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+    let key = tenant_key(&instance, 5);
+    assert_eq!(list(&b, &token, &instance).await, 200);
+
+    // Ready through A: B's PUT finds its database there and answers it as A did.
+    let (status, answered) = a.onboard(&token, &instance, 5).await;
+    assert_eq!(status, 201);
+    clickhouse.registry_settles(&key, "ready").await;
+    let (status, shown) = b.onboard(&token, &instance, 5).await;
+    assert_eq!(
+        (status, &shown["created_at"]),
+        (200, &answered["created_at"])
+    );
+
+    // Project 7's row lost (as a crash right after A's answer would): B's PUT answers as A
+    // did, from the database's mark, and writes the row before it answers.
+    let (status, answered) = a.onboard(&token, &instance, 7).await;
+    assert_eq!(status, 201);
+    let key = tenant_key(&instance, 7);
+    clickhouse.registry_settles(&key, "ready").await;
+    clickhouse
+        .query(&format!(
+            "ALTER TABLE monitor_gateway.projects DELETE WHERE tenant_key = '{key}'"
+        ))
+        .await;
+    clickhouse.registry_settles(&key, "").await;
+    let (status, shown) = b.onboard(&token, &instance, 7).await;
+    assert_eq!(
+        (status, &shown["created_at"]),
+        (200, &answered["created_at"])
+    );
+    assert_eq!(clickhouse.registry_status(&key).await, "ready");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_through_a_replica_that_has_not_heard_of_the_deletion_waits_for_its_row() {
+    let clickhouse = PrivateClickHouse::start().await;
+    let issuer = Issuer::start().await;
+    let (a, b) = replicas(&issuer, &clickhouse, &[]).await;
+    let instance = new_instance();
+    let token = issuer.token(&instance);
+    let key = tenant_key(&instance, 6);
+    assert_eq!(list(&b, &token, &instance).await, 200);
+
+    let (_, answered) = a.onboard(&token, &instance, 6).await;
+    let (status, _) = a
+        .call(Method::DELETE, project_path(6), &token, &instance)
+        .await;
+    assert_eq!(status, 200);
+    clickhouse.registry_settles(&key, "deprovisioned").await;
+
+    // B brings it back with its data, and the registry says so by the answer: a crash right
+    // after it cannot leave the deletion in place, for the purge to act on.
+    let (status, restored) = b.onboard(&token, &instance, 6).await;
+    assert_eq!((status, &restored["status"]), (201, &json!("ready")));
+    assert_eq!(restored["created_at"], answered["created_at"]);
+    assert_eq!(clickhouse.registry_status(&key).await, "ready");
+}

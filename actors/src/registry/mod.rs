@@ -29,6 +29,10 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// Database names per query for their owners' marks: about 50 KB of SQL.
 const OWNER_QUERY_CHUNK: usize = 1_000;
 
+/// How ClickHouse begins its answer to creating a database that exists: 18.16 writes
+/// "Code: 82, e.displayText() = ...", current versions "Code: 82. DB::Exception: ...".
+const DATABASE_ALREADY_EXISTS: [&str; 2] = ["Code: 82,", "Code: 82."];
+
 const EVENTS_TABLE_DDL: &str = include_str!("../../sql/snowplow_events.sql");
 
 /// The registry table's columns, in `ProjectRow` order; new columns are only ever appended.
@@ -268,8 +272,36 @@ impl Registry {
         let database = project.tenant_key.database();
         self.execute(&format!("CREATE DATABASE IF NOT EXISTS {database}"))
             .await?;
+        self.create_events_table(project).await
+    }
+
+    /// Creates the project's database if it does not exist; false when it was there already.
+    /// A project new to the gateway is new to ClickHouse too, but for the rare one that was
+    /// onboarded before (through another gateway, or before a crash took its row), and this
+    /// tells them apart at no extra cost.
+    pub async fn create_database_if_new(
+        &self,
+        tenant_key: &TenantKey,
+    ) -> Result<bool, RegistryError> {
+        let database = tenant_key.database();
+        match self.execute(&format!("CREATE DATABASE {database}")).await {
+            Ok(()) => Ok(true),
+            Err(RegistryError::ClickHouse(clickhouse::error::Error::BadResponse(message)))
+                if DATABASE_ALREADY_EXISTS
+                    .iter()
+                    .any(|code| message.contains(code)) =>
+            {
+                Ok(false)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Creates the project's events table, marked as the project's, in its existing database;
+    /// safe to repeat.
+    pub async fn create_events_table(&self, project: &ProjectRecord) -> Result<(), RegistryError> {
         let ddl = EVENTS_TABLE_DDL
-            .replace("{database}", &database)
+            .replace("{database}", &project.tenant_key.database())
             .replace("{owner}", &Owner::mark(project));
         self.execute(&ddl).await
     }
