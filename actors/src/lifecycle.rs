@@ -81,10 +81,13 @@ pub async fn onboard(
     match registry.project_of(instance, project).await {
         Ok(stored) => {
             let (current, learned) = fresher(current, stored);
-            advance(
-                registry, instance, project, current, learned, uncertain, false,
-            )
-            .await
+            let start = Start {
+                current,
+                learned,
+                uncertain,
+                ..Start::default()
+            };
+            advance(registry, instance, project, start).await
         }
         Err(err) => Step::done(Err(err.into()), None),
     }
@@ -103,53 +106,76 @@ async fn onboard_unknown(
     let key = TenantKey::derive(instance, project);
     match registry.create_database_if_new(&key).await {
         Ok(false) => {}
-        Ok(true) => return advance(registry, instance, project, None, false, false, true).await,
+        Ok(true) => {
+            let start = Start {
+                database_created: true,
+                ..Start::default()
+            };
+            return advance(registry, instance, project, start).await;
+        }
         // The next steps try again, and record the project `provisioning` if they fail too.
-        Err(_) => return advance(registry, instance, project, None, false, false, false).await,
+        Err(_) => return advance(registry, instance, project, Start::default()).await,
     }
     let stored = match registry.project_of(instance, project).await {
         Ok(stored) => stored,
         Err(err) => return Step::done(Err(err.into()), None),
     };
     if stored.as_ref().is_some_and(ProjectRecord::is_live) {
-        return advance(registry, instance, project, stored, true, false, false).await;
+        let start = Start {
+            current: stored,
+            learned: true,
+            ..Start::default()
+        };
+        return advance(registry, instance, project, start).await;
     }
     match marked(registry, instance, project, stored).await {
         // Ready as it was answered, with no row to say so: written now, as after a failed
         // write. Not a new project, so not counted as onboarded again.
         Ok(Some(answered)) => {
-            let step = advance(
-                registry,
-                instance,
-                project,
-                Some(answered),
-                true,
-                true,
-                false,
-            );
-            step.await.map(|onboarded| Onboarded {
+            let start = Start {
+                current: Some(answered),
+                learned: true,
+                uncertain: true,
+                ..Start::default()
+            };
+            let step = advance(registry, instance, project, start).await;
+            step.map(|onboarded| Onboarded {
                 created: false,
                 ..onboarded
             })
         }
         // An empty database (a crash between its two statements), or none any more.
-        Ok(None) => advance(registry, instance, project, None, false, false, false).await,
+        Ok(None) => advance(registry, instance, project, Start::default()).await,
         Err(err) => Step::done(Err(err.into()), None),
     }
 }
 
-/// Takes the project from the state its fresher record says to `ready`; `learned` says that
-/// record is the registry's, new to the tenant, and `database_created` that its database was
-/// created a moment ago and lacks only its table.
+/// What an onboarding starts from; by default, a project new to the tenant and to ClickHouse.
+#[derive(Default)]
+struct Start {
+    /// The fresher of the tenant's record and the registry's.
+    current: Option<ProjectRecord>,
+    /// `current` is the registry's, new to the tenant.
+    learned: bool,
+    /// The registry may not hold `current`.
+    uncertain: bool,
+    /// The project's database was created a moment ago and lacks only its table.
+    database_created: bool,
+}
+
+/// Takes the project from the state `start` says to `ready`.
 async fn advance(
     registry: &Registry,
     instance: &InstanceId,
     project: ProjectId,
-    current: Option<ProjectRecord>,
-    learned: bool,
-    uncertain: bool,
-    database_created: bool,
+    start: Start,
 ) -> Step<Onboarded> {
+    let Start {
+        current,
+        learned,
+        uncertain,
+        database_created,
+    } = start;
     if let Some(record) = current
         .as_ref()
         .filter(|r| r.status == ProjectStatus::Ready)
@@ -263,11 +289,15 @@ pub async fn finish(
     if !unfinished {
         return Step::done(Ok(false), current.filter(|_| learned));
     }
-    advance(
-        registry, instance, project, current, learned, uncertain, false,
-    )
-    .await
-    .map(|_| true)
+    let start = Start {
+        current,
+        learned,
+        uncertain,
+        ..Start::default()
+    };
+    advance(registry, instance, project, start)
+        .await
+        .map(|_| true)
 }
 
 /// Registers a project whose database exists, marked as the project's, with no registry row
@@ -304,15 +334,14 @@ pub async fn adopt(
         stored,
     );
     info!(tenant_key = %provisioning.tenant_key, "adopting a database whose registry row is missing");
-    onboard(
-        registry,
-        &owner.instance,
-        owner.project,
-        Some(provisioning),
+    let start = Start {
+        current: Some(provisioning),
         uncertain,
-    )
-    .await
-    .map(|_| true)
+        ..Start::default()
+    };
+    advance(registry, &owner.instance, owner.project, start)
+        .await
+        .map(|_| true)
 }
 
 /// The provisioning record of a project answered with `created_at` whose row is missing; a
