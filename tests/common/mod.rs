@@ -525,6 +525,16 @@ impl PrivateClickHouse {
         self.query(&sql).await.trim().to_owned()
     }
 
+    /// Removes a project's registry rows once its `ready` row is there, as a lost write would.
+    pub async fn lose_registry_rows(&self, tenant_key: &str) {
+        self.registry_settles(tenant_key, "ready").await;
+        self.query(&format!(
+            "ALTER TABLE monitor_gateway.projects DELETE WHERE tenant_key = '{tenant_key}'"
+        ))
+        .await;
+        self.registry_settles(tenant_key, "").await;
+    }
+
     /// Waits for the registry to show `status`, like [`registry_settles`].
     pub async fn registry_settles(&self, tenant_key: &str, status: &str) {
         let what = format!("the registry shows {tenant_key} as {status}");

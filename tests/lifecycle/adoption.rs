@@ -377,15 +377,9 @@ async fn a_registry_row_lost_under_a_running_tenant_is_written_again() {
     let (status, answered) = gateway.onboard(&token, &instance, 9).await;
     assert_eq!(status, 201);
     let key = tenant_key(&instance, 9);
-    clickhouse.registry_settles(&key, "ready").await;
 
-    // The row goes (an operator's mistake, a restored backup) while the tenant remembers it.
-    clickhouse
-        .query(&format!(
-            "ALTER TABLE monitor_gateway.projects DELETE WHERE tenant_key = '{key}'"
-        ))
-        .await;
-    clickhouse.registry_settles(&key, "").await;
+    // The row goes (an operator's mistake) while the tenant remembers it.
+    clickhouse.lose_registry_rows(&key).await;
 
     let report = reconcile(&gateway).await;
     assert!(

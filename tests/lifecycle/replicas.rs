@@ -211,13 +211,7 @@ async fn a_replica_that_has_not_heard_of_a_project_answers_with_its_details() {
     let (status, answered) = a.onboard(&token, &instance, 7).await;
     assert_eq!(status, 201);
     let key = tenant_key(&instance, 7);
-    clickhouse.registry_settles(&key, "ready").await;
-    clickhouse
-        .query(&format!(
-            "ALTER TABLE monitor_gateway.projects DELETE WHERE tenant_key = '{key}'"
-        ))
-        .await;
-    clickhouse.registry_settles(&key, "").await;
+    clickhouse.lose_registry_rows(&key).await;
     let (status, shown) = b.onboard(&token, &instance, 7).await;
     assert_eq!(
         (status, &shown["created_at"]),
