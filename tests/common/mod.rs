@@ -517,6 +517,11 @@ impl PrivateClickHouse {
 }
 
 impl PrivateClickHouse {
+    /// Options for a gateway trusting `issuer` whose registry and tenants live here.
+    pub fn gateway<'a>(&self, issuer: &'a Issuer) -> GatewayOptions<'a> {
+        GatewayOptions::new(&[issuer]).env("CLICKHOUSE__URL", self.url())
+    }
+
     /// The registry's current status of a project, by tenant key.
     pub async fn registry_status(&self, tenant_key: &str) -> String {
         let sql = format!(

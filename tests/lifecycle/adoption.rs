@@ -183,7 +183,7 @@ async fn a_corrupt_registry_row_stops_neither_readiness_nor_adoption() {
     let issuer = Issuer::start().await;
     let instance = new_instance();
     let token = issuer.token(&instance);
-    let options = || GatewayOptions::new(&[&issuer]).env("CLICKHOUSE__URL", clickhouse.url());
+    let options = || clickhouse.gateway(&issuer);
     let mut gateway = Gateway::start_with(options()).await;
     let (status, answered) = gateway.onboard(&token, &instance, 1).await;
     assert_eq!(status, 201);
@@ -271,7 +271,7 @@ async fn reconciliation_never_brings_back_a_project_deleted_meanwhile() {
     // these rows too, and two gateways' caches racing is not what this checks.
     let clickhouse = common::PrivateClickHouse::start().await;
     let issuer = Issuer::start().await;
-    let options = GatewayOptions::new(&[&issuer]).env("CLICKHOUSE__URL", clickhouse.url());
+    let options = clickhouse.gateway(&issuer);
     let gateway = Gateway::start_with(options).await;
     let instance = new_instance();
     let token = issuer.token(&instance);
@@ -370,7 +370,7 @@ async fn a_registry_row_lost_under_a_running_tenant_is_written_again() {
     // A registry of its own: any other gateway's reconciliation would adopt the database.
     let clickhouse = common::PrivateClickHouse::start().await;
     let issuer = Issuer::start().await;
-    let options = GatewayOptions::new(&[&issuer]).env("CLICKHOUSE__URL", clickhouse.url());
+    let options = clickhouse.gateway(&issuer);
     let gateway = Gateway::start_with(options).await;
     let instance = new_instance();
     let token = issuer.token(&instance);

@@ -8,8 +8,7 @@ use reqwest::Method;
 
 use super::{database_exists, project_path, reconcile};
 use crate::common::{
-    self, Gateway, GatewayOptions, Issuer, new_instance, registry_settles, registry_status,
-    tenant_key,
+    self, Gateway, Issuer, new_instance, registry_settles, registry_status, tenant_key,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,8 +136,8 @@ async fn onboarding_quietly<F: std::future::Future>(future: F) {
 async fn a_ready_row_lost_with_clickhouse_after_the_answer_is_written_once_it_is_back() {
     let mut clickhouse = common::PrivateClickHouse::start().await;
     let issuer = Issuer::start().await;
-    let options = GatewayOptions::new(&[&issuer])
-        .env("CLICKHOUSE__URL", clickhouse.url())
+    let options = clickhouse
+        .gateway(&issuer)
         .env("CLICKHOUSE__TIMEOUT_SECONDS", 1);
     let gateway = Gateway::start_with(options).await;
     let instance = new_instance();
@@ -184,8 +183,8 @@ async fn a_ready_row_lost_with_clickhouse_after_the_answer_is_written_once_it_is
 async fn clickhouse_lost_during_onboarding_answers_503_and_the_next_attempt_finishes() {
     let mut clickhouse = common::PrivateClickHouse::start().await;
     let issuer = Issuer::start().await;
-    let options = GatewayOptions::new(&[&issuer])
-        .env("CLICKHOUSE__URL", clickhouse.url())
+    let options = clickhouse
+        .gateway(&issuer)
         .env("CLICKHOUSE__TIMEOUT_SECONDS", 3);
     let gateway = Gateway::start_with(options).await;
     let instance = new_instance();
@@ -253,8 +252,8 @@ async fn clickhouse_lost_during_onboarding_answers_503_and_the_next_attempt_fini
 async fn a_delete_whose_write_timed_out_never_lets_the_purge_take_a_project_onboarded_again() {
     let clickhouse = common::PrivateClickHouse::start().await;
     let issuer = Issuer::start().await;
-    let options = GatewayOptions::new(&[&issuer])
-        .env("CLICKHOUSE__URL", clickhouse.url())
+    let options = clickhouse
+        .gateway(&issuer)
         .env("CLICKHOUSE__TIMEOUT_SECONDS", 1)
         .env("TENANTS__DEPROVISION_GRACE_SECONDS", 1)
         .env("TENANTS__PURGE_INTERVAL_SECONDS", 1)
@@ -304,8 +303,8 @@ async fn a_delete_whose_write_timed_out_never_lets_the_purge_take_a_project_onbo
 async fn a_delete_whose_write_was_lost_is_written_again_when_repeated() {
     let mut clickhouse = common::PrivateClickHouse::start().await;
     let issuer = Issuer::start().await;
-    let options = GatewayOptions::new(&[&issuer])
-        .env("CLICKHOUSE__URL", clickhouse.url())
+    let options = clickhouse
+        .gateway(&issuer)
         .env("CLICKHOUSE__TIMEOUT_SECONDS", 1)
         .env("TENANTS__IDLE_TIMEOUT_SECONDS", 1);
     let gateway = Gateway::start_with(options).await;

@@ -10,9 +10,7 @@ use reqwest::Method;
 use serde_json::json;
 
 use super::{project_path, purge};
-use crate::common::{
-    self, Gateway, GatewayOptions, Issuer, PrivateClickHouse, new_instance, tenant_key,
-};
+use crate::common::{self, Gateway, Issuer, PrivateClickHouse, new_instance, tenant_key};
 
 /// Two gateways over `clickhouse`'s registry, B with `b_env` on top. Neither looks at the
 /// registry's changes on its own unless told to: what they get right, they get right by
@@ -23,8 +21,8 @@ async fn replicas(
     b_env: &[(&str, u64)],
 ) -> (Gateway, Gateway) {
     let options = || {
-        GatewayOptions::new(&[issuer])
-            .env("CLICKHOUSE__URL", clickhouse.url())
+        clickhouse
+            .gateway(issuer)
             .env("TENANTS__REFRESH_SECONDS", 0)
     };
     let b = b_env
